@@ -1,0 +1,180 @@
+"""What a recipe can say: three dataclasses that `HfArgumentParser` fills from one flat YAML file.
+
+- `ModelArguments`: the student (or the model to fine-tune) and how to load it.
+- `DataArguments`: where the data is and how it becomes token ids.
+- `DistillConfig`: `transformers.TrainingArguments` plus what distillation adds (teacher, alpha, T, ...).
+
+Every field carries its help text; `__post_init__` checks what a user can get wrong, so a bad
+recipe fails in milliseconds rather than after the models have loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from distill.losses import LOSS_TYPES
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _check_dtype(name: str, value: str) -> None:
+    if value not in DTYPES:
+        raise ValueError(f"{name}={value!r} is not a dtype distill knows; use one of {', '.join(DTYPES)}")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "The student: a hub id, a local directory saved with save_pretrained, or a local .gguf "
+            "file (dequantized on load; needs the `gguf` extra)."
+        },
+    )
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "Dtype the weights are loaded in: auto, float32, bfloat16 or float16. Keep float32 "
+            "weights and set `bf16: true` for mixed-precision training."
+        },
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Attention kernel for student and teacher: sdpa, eager or flash_attention_2 "
+            "(None lets transformers choose)."
+        },
+    )
+
+    def __post_init__(self):
+        if not self.model_name_or_path:
+            raise ValueError("model_name_or_path is required: the hub id or local path of the student model")
+        _check_dtype("dtype", self.dtype)
+
+
+@dataclass
+class DataArguments:
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Training data: a local .jsonl/.json/.csv/.parquet/.txt file, a directory of them, or a "
+            "hub dataset name. The format is read off its columns: `messages` (chat), `prompt` + "
+            "`completion`, or `text` (packed into blocks of max_length)."
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name, if any."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of `dataset` to train on."})
+    eval_dataset: str | None = field(
+        default=None,
+        metadata={"help": "Held-out data, same forms as `dataset`. Unset: `eval_fraction` of `dataset` is held out."},
+    )
+    eval_split: str = field(default="train", metadata={"help": "Split of `eval_dataset` to evaluate on."})
+    eval_fraction: float = field(
+        default=0.05,
+        metadata={"help": "Fraction of `dataset` held out for evaluation when `eval_dataset` is unset (0 disables)."},
+    )
+    max_length: int = field(
+        default=512,
+        metadata={"help": "Tokens per example: text is packed into blocks of this size, other rows truncated to it."},
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many training rows (before packing); for quick runs."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many evaluation rows (before packing)."}
+    )
+
+    def __post_init__(self):
+        if not self.dataset:
+            raise ValueError("dataset is required: a local data file/directory or a hub dataset name")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2 tokens, got {self.max_length}")
+
+
+@dataclass
+class DistillConfig(TrainingArguments):
+    """`TrainingArguments` plus the distillation knobs. Loss: alpha * T^2 * D(teacher, student) + (1 - alpha) * CE."""
+
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "The teacher: a hub id, a local directory or a .gguf file. It must use the same tokenizer "
+            "as the student (its embedding may be padded wider)."
+        },
+    )
+    teacher_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Dtype the teacher is loaded and run in. auto: bfloat16 when training in bf16, float16 "
+            "in fp16, else float32. The teacher never trains, so it needs no fp32 master weights."
+        },
+    )
+    alpha: float = field(
+        default=0.5,
+        metadata={"help": "Weight of the KD term in [0, 1]: 1 = soft teacher targets only, 0 = labels only."},
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Softmax temperature T > 0 applied to teacher and student logits in the KD term; the term "
+            "is scaled by T^2 so its gradient keeps its size as T changes."
+        },
+    )
+    loss_type: str = field(
+        default="forward_kl",
+        metadata={
+            "help": "Divergence: forward_kl = KL(teacher || student), mode-covering; reverse_kl = "
+            "KL(student || teacher), mode-seeking; jsd = generalized Jensen-Shannon with `beta`."
+        },
+    )
+    beta: float = field(
+        default=0.5,
+        metadata={
+            "help": "For loss_type=jsd, the teacher's weight in the mixture M = beta p_T + (1 - beta) p_S; "
+            "beta=0 is forward KL, beta=1 reverse KL."
+        },
+    )
+    measure_cost: bool = field(
+        default=True,
+        metadata={
+            "help": "Measure the teacher's and the student's FLOPs (once per input shape), log them with MFU, "
+            "keep the count across resumes and write cost_report.json. Off only if counting fails (torch_compile)."
+        },
+    )
+    peak_tflops: float | None = field(
+        default=None,
+        metadata={
+            "help": "Dense bf16/fp16 peak TFLOP/s of one device, for MFU. Unset: looked up from the GPU's name "
+            "(distill.cost.PEAK_TFLOPS); no MFU on CPU."
+        },
+    )
+    gpu_hour_price: float | None = field(
+        default=None, metadata={"help": "$ per device-hour, for the dollar figure of cost_report.json."}
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Kept False: distill's collator already builds exactly the columns the models take."},
+    )
+
+    def __post_init__(self):
+        # Validate before TrainingArguments.__post_init__, which may already touch devices.
+        if not self.teacher_model_name_or_path:
+            raise ValueError("teacher_model_name_or_path is required: the hub id or local path of the teacher")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1] (weight of the KD term), got {self.alpha}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {self.loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
+        _check_dtype("teacher_dtype", self.teacher_dtype)
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"peak_tflops must be > 0 (TFLOP/s of one device), got {self.peak_tflops}")
+        if self.gpu_hour_price is not None and self.gpu_hour_price < 0:
+            raise ValueError(f"gpu_hour_price must be >= 0 ($ per device-hour), got {self.gpu_hour_price}")
+        super().__post_init__()

@@ -1,0 +1,510 @@
+"""What a run costs, in the field's units: FLOPs, PFlop/s-days, MFU, GPU-hours and dollars.
+
+1 PFlop/s-day = 1e15 FLOP/s for 86,400 s = 8.64e19 FLOPs. GPT-3 175B's pre-training,
+6 x 174.6e9 parameters x 300e9 tokens = 3.14e23 FLOPs, is about 3,640 PFlop/s-days.
+
+Two sources of FLOPs, one convention (model FLOPs, see :mod:`distill.flops`):
+
+- *measured*, during training: :class:`CostCallback` reads a :class:`distill.flops.FlopMeter` that the
+  trainer wraps around the teacher forward and the student forward + backward;
+- *analytic*, before launch (``distill cost``): per token and forward pass,
+  ``2 N + 4 L s d`` FLOPs, where N is the parameters a token is multiplied by (the Linear weights, the
+  output layer included; embedding lookups are free), L the layers, s the sequence length and d the
+  attention width (query heads x head dim): QK^T and PV each cost 2 s d per token and layer. Training
+  the student costs 3 forwards (backward = 2 x forward), the teacher one forward: per token
+  ``6 N_s + 12 L_s s d_s`` and ``2 N_t + 4 L_t s d_t``. For a Llama-style model this equals the
+  measured count exactly (tests/test_cost.py).
+
+MFU (model FLOPs utilisation) = achieved model FLOP/s / peak FLOP/s. Peaks are dense (no 2:4
+sparsity) bf16/fp16 tensor-core numbers from the vendors' datasheets, per device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from distill.flops import FlopMeter
+
+PFLOPS_DAY = 1e15 * 86_400  # FLOPs in one PFlop/s-day: 8.64e19
+
+# Dense bf16/fp16 TFLOP/s per device. Datasheets quote "with sparsity" figures first; those are
+# twice the dense numbers below.
+PEAK_TFLOPS = {
+    "A100": 312.0,  # A100 SXM and PCIe datasheet: BF16 312 (624 sparse)
+    "A800": 312.0,  # A100 silicon with a slower interconnect
+    "H100": 989.0,  # H100 SXM datasheet: BF16 1,979 sparse
+    "H100 PCIe": 756.0,  # 1,513 sparse
+    "H100 NVL": 835.0,  # 1,671 sparse
+    "H800": 989.0,  # H100 SXM compute with a slower interconnect
+    "H200": 989.0,  # H200 SXM datasheet: BF16 1,979 sparse, the H100's tensor cores
+    "B200": 2250.0,  # HGX B200: BF16 4.5 PFLOP/s sparse
+    "L40S": 362.0,  # L40S datasheet: BF16 362 (733 sparse)
+    "L4": 121.0,  # 242 sparse
+    "A10": 125.0,  # 250 sparse
+    "V100": 125.0,  # FP16 tensor cores; no bf16
+    "T4": 65.0,  # FP16; no bf16
+    "RTX 4090": 165.0,  # Ada whitepaper: FP16/BF16 with FP32 accumulate, 165.2 (330 with FP16 accumulate)
+    "MI300X": 1307.0,  # AMD: FP16/BF16 1,307.4 dense
+}
+
+
+def pflops_days(flops: float) -> float:
+    return flops / PFLOPS_DAY
+
+
+def find_peak(name: str) -> tuple[str, float] | None:
+    """(table name, peak TFLOP/s) for an accelerator or CUDA device name, or None if unknown.
+
+    Matches whole words, the most specific entry first: "NVIDIA H100 PCIe" -> H100 PCIe,
+    "NVIDIA H100 80GB HBM3" -> H100, "NVIDIA A100-SXM4-80GB" -> A100, "NVIDIA A10G" -> None.
+    """
+    words = set(re.split(r"[^a-z0-9]+", name.lower()))
+    hits = [(len(k.split()), k) for k in PEAK_TFLOPS if all(w in words for w in k.lower().split())]
+    if not hits:
+        return None
+    key = max(hits)[1]
+    return key, PEAK_TFLOPS[key]
+
+
+def peak_for(accelerator: str) -> tuple[str, float]:
+    found = find_peak(accelerator)
+    if found is None:
+        raise ValueError(
+            f"unknown accelerator {accelerator!r}; known: {', '.join(PEAK_TFLOPS)}. "
+            "Give its dense bf16 peak instead (--peak-tflops / peak_tflops)."
+        )
+    return found
+
+
+def detect_accelerator() -> tuple[str, float | None] | None:
+    """(device name, peak TFLOP/s or None) of the current CUDA device; None without one."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    found = find_peak(name)
+    return name, found[1] if found else None
+
+
+def mfu(flops: float, seconds: float, peak_tflops: float, devices: int = 1) -> float:
+    """Model FLOPs utilisation: achieved FLOP/s over the peak of all devices."""
+    return flops / (seconds * devices * peak_tflops * 1e12)
+
+
+def gpu_hours(flops: float, peak_tflops: float, mfu: float) -> float:
+    """Device-hours to do ``flops`` at utilisation ``mfu`` of ``peak_tflops``."""
+    return flops / (peak_tflops * 1e12 * mfu) / 3600
+
+
+# ---------------------------------------------------------------------------------------------------
+# Planning (`distill cost`): analytic FLOPs from parameter counts or configs.
+
+
+class ModelSize(NamedTuple):
+    name: str
+    params: float  # multiplied by every token: Linear weights, output layer included
+    layers: int = 0  # 0 when only a parameter count is known: no attention term
+    attn_width: int = 0  # query heads x head dim
+
+    def forward_flops_per_token(self, seq_len: int) -> float:
+        return 2 * self.params + 4 * self.layers * self.attn_width * seq_len
+
+
+_SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def parse_count(text) -> float | None:
+    """``"135M"`` -> 1.35e8, ``"174.6e9"`` -> 1.746e11, ``"2B"`` -> 2e9; None if it is not a number."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    m = re.fullmatch(r"\s*([0-9][0-9_.,]*(?:e[+-]?[0-9]+)?)\s*([kmbgt]?)\s*", str(text), re.IGNORECASE)
+    if not m:
+        return None
+    try:
+        value = float(m.group(1).replace(",", "").replace("_", ""))
+    except ValueError:
+        return None
+    return value * _SUFFIX.get(m.group(2).lower(), 1.0)
+
+
+def model_size(spec) -> ModelSize:
+    """A parameter count (``"135M"``) or a model: hub id, local directory, config.json or .gguf file.
+
+    A model is built from its config on the meta device (no weights read, no memory used) and its
+    Linear weights counted, so tied embeddings count once and embedding lookups not at all.
+    """
+    count = parse_count(spec)
+    if count is not None:
+        if count <= 0:
+            raise ValueError(f"parameter count must be positive, got {spec!r}")
+        return ModelSize(str(spec), count)
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    from distill.models import resolve
+
+    path = Path(str(spec)).expanduser()
+    if path.is_file() and path.suffix == ".json":
+        where, gguf_file = str(path), None
+    else:
+        where, gguf_file = resolve(str(spec))
+    try:
+        config = AutoConfig.from_pretrained(where, gguf_file=gguf_file)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"could not read a model config from {spec!r} ({type(err).__name__}: {str(err).splitlines()[0]}); "
+            "give a local model directory, a config.json, or a parameter count like 135M"
+        ) from err
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    linear = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+    embedding = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    other = sum(p.numel() for p in model.parameters() if p.dim() > 1 and id(p) not in linear and id(p) not in embedding)
+    params = sum(linear.values())
+    if other > 0.01 * params:
+        raise ValueError(
+            f"{spec!r} has {other:,} weights outside Linear layers (fused mixture-of-experts weights?), so its "
+            "FLOPs per token cannot be read off the config; give the active parameter count as a number"
+        )
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return ModelSize(str(spec), float(params), text.num_hidden_layers, heads * head_dim)
+
+
+def training_flops(student: ModelSize, tokens: float, seq_len: int, teacher: ModelSize | None = None) -> dict:
+    """Analytic FLOPs of distilling on ``tokens`` tokens: 3 student forwards + 1 teacher forward per token."""
+    out = {
+        "student": 3 * student.forward_flops_per_token(seq_len) * tokens,
+        "student_attention": 12 * student.layers * student.attn_width * seq_len * tokens,
+        "teacher": teacher.forward_flops_per_token(seq_len) * tokens if teacher else 0.0,
+        "teacher_attention": 4 * teacher.layers * teacher.attn_width * seq_len * tokens if teacher else 0.0,
+    }
+    out["total"] = out["student"] + out["teacher"]
+    return out
+
+
+def plan(
+    student: ModelSize,
+    tokens: float,
+    teacher: ModelSize | None = None,
+    seq_len: int = 2048,
+    accelerator: str = "H100",
+    peak_tflops: float | None = None,
+    mfu: float = 0.4,
+    price: float | None = None,
+    server_pflops: float = 5.0,
+    days: tuple[float, ...] = (3, 5, 10),
+) -> dict:
+    """Everything ``distill cost`` prints, as a JSON-ready dict.
+
+    GPU-hours assume ``mfu`` of the accelerator's dense peak. Servers are counted at the PFlop/s they
+    *sustain* (utilisation already included), rounded up: 3,640 PFlop/s-days on 5 PFlop/s servers
+    take 243 servers for 3 days. Inference assumes the same accelerator, MFU and price, with each
+    generated token attending to ``seq_len`` positions; so the break-even token count,
+    training FLOPs / (teacher - student FLOPs per token), does not depend on MFU or price.
+    """
+    if tokens <= 0:
+        raise ValueError(f"tokens must be positive, got {tokens}")
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be at least 1, got {seq_len}")
+    if not 0 < mfu <= 1:
+        raise ValueError(f"mfu is a fraction of the peak in (0, 1], got {mfu}")
+    if server_pflops <= 0 or any(d <= 0 for d in days):
+        raise ValueError("server PFlop/s and days must be positive")
+    if peak_tflops is None:
+        accelerator, peak_tflops = peak_for(accelerator)
+    elif peak_tflops <= 0:
+        raise ValueError(f"peak_tflops must be positive, got {peak_tflops}")
+
+    flops = training_flops(student, tokens, seq_len, teacher)
+    hours = gpu_hours(flops["total"], peak_tflops, mfu)
+    pfd = pflops_days(flops["total"])
+
+    def dollars(h):
+        return None if price is None else h * price
+
+    def per_1k(model: ModelSize) -> dict:
+        f = 1000 * model.forward_flops_per_token(seq_len)
+        return {"flops": f, "usd": dollars(gpu_hours(f, peak_tflops, mfu))}
+
+    inference = {"student": per_1k(student)}
+    breakeven = None
+    if teacher is not None:
+        inference["teacher"] = per_1k(teacher)
+        saved = inference["teacher"]["flops"] - inference["student"]["flops"]
+        breakeven = 1000 * flops["total"] / saved if saved > 0 else None
+    inference["breakeven_tokens"] = breakeven
+
+    return {
+        "student": student._asdict(),
+        "teacher": teacher._asdict() if teacher else None,
+        "tokens": tokens,
+        "seq_len": seq_len,
+        "flops": flops,
+        "pflops_days": {k: pflops_days(flops[k]) for k in ("student", "teacher", "total")},
+        "accelerator": accelerator,
+        "peak_tflops": peak_tflops,
+        "mfu": mfu,
+        "gpu_hours": hours,
+        "gpu_days": hours / 24,
+        "price_per_gpu_hour": price,
+        "cost_usd": dollars(hours),
+        "servers": [
+            {"pflops": server_pflops, "days": d, "servers": math.ceil(pfd / (server_pflops * d))} for d in days
+        ],
+        "inference": inference,
+    }
+
+
+def _num(x: float | None) -> str:
+    """3.1428e+23 -> '3.143e23'; numbers below a million written out."""
+    if x is None:
+        return "-"
+    if abs(x) < 1e6:
+        return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.4g}"
+    mantissa, exp = f"{x:.3e}".split("e")
+    return f"{mantissa}e{int(exp)}"
+
+
+def _usd(x: float | None) -> str:
+    return "-" if x is None else f"${x:,.2f}" if x >= 0.01 else f"${x:.2e}"
+
+
+def render_plan(p: dict) -> str:
+    def model_line(role: str, m: dict) -> str:
+        if not m["layers"]:
+            return f"  {role:<8} {_num(m['params'])} parameters (a bare count: no attention term)"
+        return (
+            f"  {role:<8} {m['name']}: {_num(m['params'])} parameters per token, "
+            f"{m['layers']} layers x attention width {m['attn_width']}"
+        )
+
+    f, pfd = p["flops"], p["pflops_days"]
+    lines = ["distill cost: plan", model_line("student", p["student"])]
+    if p["teacher"]:
+        lines.append(model_line("teacher", p["teacher"]))
+    lines += [
+        f"  tokens   {_num(p['tokens'])} at sequence length {p['seq_len']}",
+        "",
+        f"  {'training compute':<44}{'FLOPs':>12}{'PFlop/s-day':>14}",
+        f"  {'student  3 x (2N + 4Lsd) per token':<44}{_num(f['student']):>12}{pfd['student']:>14.4g}",
+    ]
+    if p["teacher"]:
+        lines.append(f"  {'teacher  1 x (2N + 4Lsd) per token':<44}{_num(f['teacher']):>12}{pfd['teacher']:>14.4g}")
+    attention = f["student_attention"] + f["teacher_attention"]
+    lines += [
+        f"  {'total':<44}{_num(f['total']):>12}{pfd['total']:>14.4g}",
+        f"  {'  of which attention (the 4Lsd terms)':<44}{_num(attention):>12}{pflops_days(attention):>14.4g}",
+        "",
+        f"  on {p['accelerator']} ({p['peak_tflops']:g} TFLOP/s dense bf16) at {p['mfu']:.0%} MFU: "
+        f"{p['gpu_hours']:,.1f} GPU-hours = {p['gpu_days']:,.2f} GPU-days"
+        + (f", {_usd(p['cost_usd'])} at ${p['price_per_gpu_hour']:g}/GPU-hour" if p["cost_usd"] is not None else ""),
+        "  servers sustaining {:g} PFlop/s: ".format(p["servers"][0]["pflops"])
+        + ", ".join(f"{s['servers']:,} for {s['days']:g} days" for s in p["servers"]),
+        "",
+        f"  {'inference, per 1K generated tokens':<44}{'FLOPs':>12}{'$':>14}",
+    ]
+    inf = p["inference"]
+    for role in ("teacher", "student"):
+        if role in inf:
+            lines.append(f"  {role:<44}{_num(inf[role]['flops']):>12}{_usd(inf[role]['usd']):>14}")
+    if p["teacher"]:
+        be = inf["breakeven_tokens"]
+        lines.append(
+            f"  distillation pays for itself after {_num(be)} tokens served by the student instead of the teacher"
+            if be
+            else "  the student is not cheaper per token than the teacher: distillation never pays for itself"
+        )
+    if p["cost_usd"] is None:
+        lines.append("  (give --price $/GPU-hour for dollar figures)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measuring during training.
+
+
+class CostCallback(TrainerCallback, ExportableState):
+    """Measured FLOPs of a training run: logged, checkpointed, and reported at the end.
+
+    Owns the :class:`FlopMeter` that the trainer wraps around its model calls. At each logging step
+    the trainer adds :meth:`log_metrics` to its logs: cumulative teacher / student / total FLOPs and
+    PFlop/s-days, and FLOP/s per device and MFU since the last log. The totals are saved in every
+    checkpoint (``TrainerState.stateful_callbacks``) and read back when training resumes, so a resumed
+    run continues the count. At the end of training, ``cost_report.json`` goes to ``output_dir``.
+
+    Wall time runs from ``on_train_begin`` and includes evaluation and checkpointing; so does the MFU
+    computed from it. A resumed run adds the time up to the checkpoint, not the lost work after it.
+    """
+
+    ROLES = ("teacher", "student")
+
+    def __init__(self, peak_tflops: float | None = None, gpu_hour_price: float | None = None):
+        self.meter = FlopMeter()
+        self.peak_tflops = peak_tflops
+        self.gpu_hour_price = gpu_hour_price
+        self.accelerator: str | None = None
+        # All processes, as of the last sync; what checkpoints hold.
+        self.totals = {"teacher_flops": 0, "student_flops": 0, "tokens": 0, "seconds": 0.0}
+        self._base = dict(self.totals)
+        self._start = self._last_time = time.perf_counter()
+        self._last_flops = 0
+        self._devices = 1
+
+    def state(self) -> dict:
+        return {
+            "args": {"peak_tflops": self.peak_tflops, "gpu_hour_price": self.gpu_hour_price},
+            "attributes": {"totals": dict(self.totals)},
+        }
+
+    # -- events
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__) if state.global_step > 0 else None
+        self._base = dict(saved["attributes"]["totals"]) if saved else {k: 0 for k in self.totals}
+        self.totals = dict(self._base)
+        self.meter.reset()
+        self._devices = max(args.world_size, 1)
+        self._start = self._last_time = time.perf_counter()
+        self._last_flops = self.total_flops
+        if self.peak_tflops is None and (found := detect_accelerator()):
+            self.accelerator, self.peak_tflops = found
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_log or control.should_save or control.should_training_stop:
+            self._sync(args)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_log or control.should_save:
+            self._sync(args)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._sync(args)
+        if state.is_world_process_zero:
+            report = self.report(state)
+            out = Path(args.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "cost_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            print(render_report(report))
+
+    # -- numbers
+
+    @property
+    def total_flops(self) -> int:
+        return self.totals["teacher_flops"] + self.totals["student_flops"]
+
+    def _sync(self, args) -> None:
+        """totals = checkpointed base + this session's counts summed over processes. Every process
+        calls this at the same steps (the Trainer's log/save decisions are the same everywhere)."""
+        local = [
+            self.meter.flops.get("teacher", 0),
+            self.meter.flops.get("student", 0),
+            self.meter.tokens.get("student", 0),
+        ]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            t = torch.tensor(local, dtype=torch.float64, device=args.device)
+            torch.distributed.all_reduce(t)
+            local = [int(v) for v in t.tolist()]
+        for key, value in zip(("teacher_flops", "student_flops", "tokens"), local):
+            self.totals[key] = self._base[key] + value
+        self.totals["seconds"] = self._base["seconds"] + time.perf_counter() - self._start
+
+    def log_metrics(self) -> dict:
+        """Cumulative FLOPs and, since the last call, FLOP/s per device and MFU; for trainer.log."""
+        now, total = time.perf_counter(), self.total_flops
+        rate = (total - self._last_flops) / max(now - self._last_time, 1e-9) / self._devices
+        self._last_time, self._last_flops = now, total
+        logs = {
+            "flops_teacher": float(self.totals["teacher_flops"]),
+            "flops_student": float(self.totals["student_flops"]),
+            "flops_total": float(total),
+            "pflops_days": pflops_days(total),
+            "flops_per_second": rate,
+        }
+        if self.peak_tflops:
+            logs["mfu"] = rate / (self.peak_tflops * 1e12)
+        return logs
+
+    def report(self, state=None) -> dict:
+        t = self.totals
+        total, seconds, tokens = self.total_flops, t["seconds"], t["tokens"]
+        device_hours = seconds * self._devices / 3600
+        return {
+            "flops": {"teacher": t["teacher_flops"], "student": t["student_flops"], "total": total},
+            "pflops_days": {
+                "teacher": pflops_days(t["teacher_flops"]),
+                "student": pflops_days(t["student_flops"]),
+                "total": pflops_days(total),
+            },
+            "tokens": tokens,
+            "flops_per_token": {
+                "teacher": t["teacher_flops"] / tokens if tokens else None,
+                "student": t["student_flops"] / tokens if tokens else None,
+                "total": total / tokens if tokens else None,
+            },
+            "wall_seconds": seconds,
+            "devices": self._devices,
+            "device_hours": device_hours,
+            "flops_per_second_per_device": total / seconds / self._devices if seconds else None,
+            "accelerator": self.accelerator,
+            "peak_tflops": self.peak_tflops,
+            "mfu": mfu(total, seconds, self.peak_tflops, self._devices) if self.peak_tflops and seconds else None,
+            "gpu_hour_price": self.gpu_hour_price,
+            "cost_usd": device_hours * self.gpu_hour_price if self.gpu_hour_price is not None else None,
+            # The Trainer's own estimate (6 x non-embedding parameters x tokens, student only), for comparison.
+            "trainer_total_flos": getattr(state, "total_flos", None),
+            "convention": "model FLOPs measured with torch.utils.flop_counter, once per input shape: 2mnk per "
+            "matmul, attention QK^T and PV over the full sequence, backward 2x forward; tokens are positions "
+            "processed, padding included",
+        }
+
+
+def render_report(r: dict) -> str:
+    per_token = r["flops_per_token"]
+    lines = ["", "distill: cost (measured)"]
+    for role in ("teacher", "student", "total"):
+        ft = per_token[role]
+        lines.append(
+            f"  {role:<8} {_num(r['flops'][role]):>10} FLOPs  {r['pflops_days'][role]:.4g} PFlop/s-day"
+            + (f"  {_num(ft)} FLOPs/token" if ft else "")
+        )
+    mfu_text = f"{100 * r['mfu']:.3g}%" if r["mfu"] is not None else "n/a (set peak_tflops)"
+    lines.append(
+        f"  {_num(r['tokens'])} tokens in {r['wall_seconds']:,.1f} s on {r['devices']} device(s): "
+        f"{_num(r['flops_per_second_per_device'] or 0)} FLOP/s per device, MFU {mfu_text}"
+    )
+    if r["cost_usd"] is not None:
+        lines.append(f"  {r['device_hours']:.4g} device-hours x ${r['gpu_hour_price']:g} = {_usd(r['cost_usd'])}")
+    return "\n".join(lines)
+
+
+def command(args) -> str:
+    """`distill cost`: the plan for the parsed command line, as a table or JSON."""
+    tokens = parse_count(args.tokens)
+    if tokens is None:
+        raise ValueError(f"--tokens {args.tokens!r} is not a number; write e.g. 2B or 300e9")
+    student = model_size(args.student)
+    teacher = model_size(args.teacher) if args.teacher else None
+    p = plan(
+        student,
+        tokens,
+        teacher,
+        seq_len=args.seq_len,
+        accelerator=args.accelerator,
+        peak_tflops=args.peak_tflops,
+        mfu=args.mfu,
+        price=args.price,
+        server_pflops=args.server_pflops,
+        days=tuple(args.days),
+    )
+    return json.dumps(p) if args.json else render_plan(p)

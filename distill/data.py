@@ -1,0 +1,199 @@
+"""From a file or hub name to padded batches of (input_ids, attention_mask, labels).
+
+Three row formats, read off the columns:
+- ``messages``: chat turns, rendered with the tokenizer's chat template; loss on assistant tokens only.
+- ``prompt`` + ``completion``: loss on the completion (and the EOS that ends it) only.
+- ``text``: plain text, tokenized, joined with EOS and packed into blocks of ``max_length``; loss on all.
+
+Labels are -100 wherever a token is not a target, which is the one mask every loss in
+`distill.losses` reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import torch
+
+from distill.config import DataArguments
+from distill.losses import IGNORE_INDEX
+
+FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def load_rows(name: str, config: str | None = None, split: str = "train") -> datasets.Dataset:
+    """A local file, a directory of same-type files, or a hub dataset name -> a `datasets.Dataset`."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        files = sorted(str(f) for f in path.iterdir() if f.suffix in FILE_TYPES)
+        kinds = {FILE_TYPES[Path(f).suffix] for f in files}
+        if len(kinds) != 1:
+            raise ValueError(
+                f"{name} should hold data files of one type ({', '.join(FILE_TYPES)}); found {len(files)} "
+                f"file(s) of types {sorted(kinds) or 'none'}"
+            )
+        return _load_files(kinds.pop(), files, name)
+    if path.suffix in FILE_TYPES:
+        if not path.is_file():
+            raise ValueError(f"data file not found: {name}")
+        return _load_files(FILE_TYPES[path.suffix], [str(path)], name)
+    if path.suffix or name.startswith((".", "/", "~")):
+        raise ValueError(f"data file not found or of an unknown type: {name} (known: {', '.join(FILE_TYPES)})")
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except Exception as err:  # datasets raises many kinds here (offline, missing split, bad config)
+        raise ValueError(
+            f"could not load dataset {name!r} (split {split!r}): {type(err).__name__}: {err}. "
+            "Give a local .jsonl/.json/.csv/.parquet/.txt file or directory, or a reachable hub dataset."
+        ) from err
+
+
+def _load_files(kind: str, files: list[str], name: str) -> datasets.Dataset:
+    if all(Path(f).stat().st_size == 0 for f in files):
+        raise ValueError(f"{name} is empty: it has no rows to train or evaluate on")
+    try:
+        return datasets.load_dataset(kind, data_files=files, split="train")
+    except Exception as err:  # parse errors surface as several exception types
+        raise ValueError(f"could not read {name} as {kind}: {type(err).__name__}: {err}") from err
+
+
+def detect_format(rows: datasets.Dataset, name: str = "dataset") -> str:
+    columns = set(rows.column_names)
+    if "messages" in columns:
+        return "messages"
+    if {"prompt", "completion"} <= columns:
+        return "prompt_completion"
+    if "text" in columns:
+        return "text"
+    raise ValueError(
+        f"{name} has columns {sorted(columns)}, none that distill can train on: give a `messages` column "
+        "(chat), `prompt` and `completion` columns, or a `text` column"
+    )
+
+
+def _with_eos(ids: list[int], eos_id: int | None) -> list[int]:
+    return ids + [eos_id] if eos_id is not None and (not ids or ids[-1] != eos_id) else ids
+
+
+def _pack_text(batch, tokenizer, max_length):
+    # Packing across rows (not padding each) wastes no compute on padding; EOS marks the seams.
+    stream: list[int] = []
+    for text in batch["text"]:
+        stream += _with_eos(tokenizer(text)["input_ids"], tokenizer.eos_token_id)
+    blocks = [stream[i : i + max_length] for i in range(0, len(stream), max_length)]
+    blocks = [b for b in blocks if len(b) >= 2]
+    return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+
+def _prompt_completion(row, tokenizer, max_length):
+    prompt = tokenizer(row["prompt"])["input_ids"]
+    completion = _with_eos(tokenizer(row["completion"], add_special_tokens=False)["input_ids"], tokenizer.eos_token_id)
+    ids = (prompt + completion)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt) + completion)[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+def assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans the assistant wrote.
+
+    Rendering turns 0..i with a generation prompt and then 0..i+1 must extend the same string; the
+    difference is turn i+1's assistant text plus its end marker. Templates that rewrite earlier
+    turns (some strip reasoning from old turns) break that, and are refused rather than mis-masked.
+    """
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (upto.startswith(before) and full.startswith(upto)):
+            raise ValueError(
+                "the chat template does not render conversations prefix-stably, so assistant tokens cannot "
+                "be located; convert the data to prompt/completion form instead"
+            )
+        spans.append((len(before), len(upto)))
+    return full, spans
+
+
+def _messages(row, tokenizer, max_length):
+    text, spans = assistant_spans(row["messages"], tokenizer)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"][:max_length]
+    labels = [
+        tok if any(start <= a < end for start, end in spans) else IGNORE_INDEX
+        for tok, (a, _) in zip(ids, enc["offset_mapping"])
+    ]
+    return {"input_ids": ids, "labels": labels}
+
+
+def tokenize(rows: datasets.Dataset, tokenizer, max_length: int, name: str = "dataset") -> datasets.Dataset:
+    fmt = detect_format(rows, name)
+    if len(rows) == 0:
+        raise ValueError(f"{name} is empty: it has no rows to train or evaluate on")
+    if fmt == "messages" and not tokenizer.chat_template:
+        raise ValueError(f"{name} is chat data (`messages`) but the tokenizer has no chat template")
+    if fmt == "text":
+        out = rows.map(
+            _pack_text, batched=True, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+            remove_columns=rows.column_names, desc=f"Tokenizing and packing {name}",
+        )  # fmt: skip
+    else:
+        fn = _messages if fmt == "messages" else _prompt_completion
+        out = rows.map(
+            fn, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+            remove_columns=rows.column_names, desc=f"Tokenizing {name}",
+        )  # fmt: skip
+    # A row whose targets were all truncated away would add only padding to a batch.
+    out = out.filter(lambda row: any(t != IGNORE_INDEX for t in row["labels"][1:]), desc="Dropping targetless rows")
+    if len(out) == 0:
+        raise ValueError(f"{name} has no target tokens after tokenization (check max_length and the columns)")
+    return out
+
+
+def build_datasets(args: DataArguments, tokenizer, seed: int = 0):
+    """(train, eval or None), tokenized. The held-out split is cut from raw rows, before packing,
+    so no text is shared between the two."""
+    train_rows = load_rows(args.dataset, args.dataset_config, args.dataset_split)
+    if args.max_train_samples is not None:
+        train_rows = train_rows.select(range(min(args.max_train_samples, len(train_rows))))
+    eval_rows = None
+    if args.eval_dataset:
+        eval_rows = load_rows(args.eval_dataset, args.dataset_config, args.eval_split)
+    elif args.eval_fraction > 0 and len(train_rows) >= 2:
+        split = train_rows.train_test_split(test_size=args.eval_fraction, seed=seed)
+        train_rows, eval_rows = split["train"], split["test"]
+    if eval_rows is not None and args.max_eval_samples is not None:
+        eval_rows = eval_rows.select(range(min(args.max_eval_samples, len(eval_rows))))
+    train = tokenize(train_rows, tokenizer, args.max_length, f"dataset {args.dataset}")
+    evaluation = None
+    if eval_rows is not None:
+        evaluation = tokenize(eval_rows, tokenizer, args.max_length, f"eval data {args.eval_dataset or args.dataset}")
+    return train, evaluation
+
+
+class Collator:
+    """Right-pads a list of tokenized rows into tensors; labels pad with -100.
+
+    Lengths are rounded up to a multiple of ``pad_to_multiple_of`` so that variable-length data
+    produces few distinct batch shapes (tensor-core friendly, and the cost meter counts FLOPs once
+    per shape).
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 8):
+        self.pad_token_id = pad_token_id
+        self.multiple = pad_to_multiple_of
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(r["input_ids"]) for r in rows)
+        width = -(-longest // self.multiple) * self.multiple
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            labels[i, :n] = torch.tensor(r["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}

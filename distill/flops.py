@@ -1,0 +1,150 @@
+"""Measured FLOPs: what the models actually multiplied, counted by ``torch.utils.flop_counter``.
+
+Convention, the one MFU is defined with (Chowdhery et al. 2022, PaLM, app. B): *model* FLOPs.
+A matmul of (m x k) by (k x n) counts 2mnk; elementwise work (norms, softmax, activations, the
+optimizer) counts 0. Attention counts its two matmuls QK^T and PV over the full s x s score matrix,
+causal or not, because that is what the kernels and the usual formulas count; its backward counts
+twice its forward, like every other matmul. The fused flash kernels recompute QK^T in the backward;
+that recomputation is work the hardware does, not work the model needs, so it is not counted.
+
+Two gaps of torch 2.13's registry are filled through ``FlopCounterMode(custom_mapping=...)``:
+
+- CPU SDPA dispatches to ``aten._scaled_dot_product_flash_attention_for_cpu`` (+ ``_backward``),
+  which has no formula, so attention silently counted 0;
+- the CUDA SDPA backward formulas count the recomputed QK^T (2.5x the forward, not 2x).
+
+With both, a model counts the same FLOPs under ``eager`` and ``sdpa`` attention, on CPU and GPU.
+
+Counting costs a fifth of a small step, but the count depends only on the input shapes; so
+``FlopMeter`` counts once per (role, shapes) and reuses the number afterwards.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from contextlib import contextmanager
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+aten = torch.ops.aten
+
+
+def _sdpa_forward_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    # dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q: four matmuls of the forward's two sizes.
+    return 2 * sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+ATTENTION_FLOP_FORMULAS = {
+    aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_forward_flops,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward_flops,
+    aten._scaled_dot_product_flash_attention_backward: _sdpa_backward_flops,
+    aten._scaled_dot_product_efficient_attention_backward: _sdpa_backward_flops,
+    aten._scaled_dot_product_cudnn_attention_backward: _sdpa_backward_flops,
+}
+# Whatever runs attention must land on one of these (or on a plain bmm/matmul, as eager does);
+# a count with none of them has most likely missed the attention (e.g. a third-party kernel).
+_ATTENTION_OPS = {*ATTENTION_FLOP_FORMULAS, aten.bmm, aten.baddbmm} | {
+    op for op in torch.utils.flop_counter.flop_registry if "attention" in str(op)
+}
+
+
+def flop_counter() -> FlopCounterMode:
+    """A silent ``FlopCounterMode`` that also counts the attention kernels above. Use as a context
+    manager, then read ``.get_total_flops()``."""
+    return FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOP_FORMULAS)
+
+
+def shape_key(inputs: Mapping) -> tuple:
+    """What a model call's FLOPs depend on: the name and shape of each tensor input."""
+    return tuple((k, tuple(v.shape)) for k, v in inputs.items() if isinstance(v, torch.Tensor))
+
+
+class FlopMeter:
+    """Cumulative measured FLOPs and tokens per role (``"teacher"``, ``"student"``).
+
+    Wrap each model call, every step::
+
+        with meter.measure("student", inputs):          # forward + backward of the student
+            ...
+            with meter.measure("teacher", inputs):      # may nest: counted apart, not twice
+                teacher(**inputs)
+
+    The first call with given input shapes runs under ``FlopCounterMode``; later calls with the same
+    shapes add the stored count, which costs a dict lookup. Nested measures share the one counter
+    that is open (nested ``FlopCounterMode``s would each count everything inside them): the inner
+    role gets the difference of the counter across its block, and the outer role gets its own count
+    minus that. A block that raises counts nothing. FLOPs of models whose work depends on the
+    values, not the shapes (mixture-of-experts routing), are those of the first batch of each shape.
+    """
+
+    def __init__(self):
+        self.flops: dict[str, int] = {}
+        self.tokens: dict[str, int] = {}
+        self._known: dict[tuple, int] = {}  # (role, shape key) -> FLOPs of one call
+        self._counter: FlopCounterMode | None = None
+        self._frames: list[list[int]] = []  # per open counted block: [counter total at entry, nested FLOPs]
+        self._warned = False
+
+    @property
+    def total(self) -> int:
+        return sum(self.flops.values())
+
+    def reset(self) -> None:
+        """Zero the totals; the per-shape counts stay valid and are kept."""
+        self.flops.clear()
+        self.tokens.clear()
+
+    @contextmanager
+    def measure(self, role: str, inputs: Mapping):
+        key = (role, shape_key(inputs))
+        ids = inputs.get("input_ids")
+        tokens = ids.numel() if isinstance(ids, torch.Tensor) else 0
+        known = self._known.get(key)
+        if known is not None and self._counter is None:  # the every-step path
+            yield
+            self._add(role, known, tokens)
+            return
+
+        opened = self._counter is None
+        if opened:
+            self._counter = flop_counter()
+            self._counter.__enter__()
+        frame = [self._counter.get_total_flops(), 0]
+        self._frames.append(frame)
+        try:
+            yield
+            spent = self._counter.get_total_flops() - frame[0]
+        finally:
+            self._frames.pop()
+            if opened:
+                counter, self._counter = self._counter, None
+                counter.__exit__(None, None, None)
+        if self._frames:
+            self._frames[-1][1] += spent
+        flops = spent - frame[1]
+        if known is None:
+            self._known[key] = flops
+            if opened:
+                self._check_attention(role, counter)
+        self._add(role, flops, tokens)
+
+    def _add(self, role: str, flops: int, tokens: int) -> None:
+        self.flops[role] = self.flops.get(role, 0) + flops
+        self.tokens[role] = self.tokens.get(role, 0) + tokens
+
+    def _check_attention(self, role: str, counter: FlopCounterMode) -> None:
+        ops = counter.get_flop_counts().get("Global", {})
+        if ops and not self._warned and not any(op in _ATTENTION_OPS for op in ops):
+            self._warned = True
+            warnings.warn(
+                f"no attention FLOPs were counted for the {role}: if the model has attention, its kernel has "
+                "no FLOP formula (e.g. the flash-attn package) and the count is low; attn_implementation='sdpa' "
+                "or 'eager' is counted",
+                stacklevel=4,
+            )

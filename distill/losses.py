@@ -1,0 +1,252 @@
+"""Knowledge-distillation losses: small pure functions, the math in the docstrings.
+
+Notation, for one token position with student logits ``s`` and teacher logits ``t`` over the
+shared vocabulary, at temperature ``T``::
+
+    p_S = softmax(s / T)        p_T = softmax(t / T)
+
+    forward KL   KL(p_T || p_S) = sum_v p_T(v) (log p_T(v) - log p_S(v))   # mode-covering
+    reverse KL   KL(p_S || p_T) = sum_v p_S(v) (log p_S(v) - log p_T(v))   # mode-seeking
+    JSD(beta)    beta KL(p_T || M) + (1 - beta) KL(p_S || M),  M = beta p_T + (1 - beta) p_S
+
+``beta`` weighs the *teacher* end of the mixture. As beta -> 0, JSD(beta) / beta -> forward KL and as
+beta -> 1, JSD(beta) / (1 - beta) -> reverse KL, so the endpoints are defined as those two KLs
+(the convention of the GKD paper, Agarwal et al. 2024, and of TRL).
+
+Everything is computed in fp32 log-space whatever the model dtype: bf16 log-softmax over a large
+vocabulary loses the small probabilities that the KL is made of.
+
+Masks and normalisation follow Hugging Face's causal-LM convention: ``labels`` are the unshifted
+input ids with -100 on positions that are not targets; the logits at position i are scored against
+the label at i + 1. The loss is a *sum over real tokens divided by the number of real tokens in the
+whole optimizer step* (``num_items_in_batch``, which ``Trainer`` counts over all gradient-accumulation
+micro-batches), so that 2 x 4 accumulated micro-batches give the same gradient as one batch of 8.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the last dim, from log-probabilities; 0 * log 0 counts as 0."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+
+
+def token_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    loss_type: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """Per-position divergence between teacher and student, shape ``logits.shape[:-1]``, in fp32.
+
+    Both sides are divided by ``temperature`` before the softmax. The result is *not* multiplied by
+    T^2; :func:`distillation_loss` does that, so that this function stays a plain divergence.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    if loss_type == "forward_kl" or (loss_type == "jsd" and beta == 0.0):
+        return _kl(log_t, log_s)
+    if loss_type == "reverse_kl" or (loss_type == "jsd" and beta == 1.0):
+        return _kl(log_s, log_t)
+    # log M = logsumexp(log beta + log p_T, log(1 - beta) + log p_S): stays finite where p is tiny.
+    log_m = torch.logsumexp(
+        torch.stack([log_t + math.log(beta), log_s + math.log(1.0 - beta)]), dim=0
+    )
+    return beta * _kl(log_t, log_m) + (1.0 - beta) * _kl(log_s, log_m)
+
+
+def shared_vocab(student_logits: torch.Tensor, teacher_logits: torch.Tensor):
+    """Trim both logits to the ids they share.
+
+    Within one model family the embedding matrix is often padded past the tokenizer (to a multiple
+    of 64 or 128 for speed), so teacher and student can have different logit widths for the same
+    tokenizer. The padded ids are never targets; the softmax is taken over the shared ids only.
+    Checking that the *tokenizers* agree is the caller's job (see ``distill.models``).
+    """
+    v = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    return student_logits[..., :v], teacher_logits[..., :v]
+
+
+class DistillationLoss(NamedTuple):
+    loss: torch.Tensor  # alpha * kd + (1 - alpha) * ce, what the optimizer sees
+    kd: torch.Tensor  # T^2-scaled divergence, normalised like the loss
+    ce: torch.Tensor  # cross-entropy with the labels, normalised like the loss
+    num_tokens: torch.Tensor  # real (non -100) target tokens in this micro-batch
+
+
+def shift_for_causal_lm(logits: torch.Tensor, labels: torch.Tensor):
+    """Align position i's logits with label i + 1 and flatten to (tokens, vocab), (tokens,)."""
+    return logits[:, :-1, :].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    loss_type: str = "forward_kl",
+    beta: float = 0.5,
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> DistillationLoss:
+    """``alpha * T^2 * D(teacher, student) + (1 - alpha) * CE(student, labels)``, mean over real tokens.
+
+    Args:
+        student_logits, teacher_logits: ``(batch, seq, vocab)``; vocabularies may differ in padding.
+        labels: ``(batch, seq)`` unshifted, -100 where a position is not a target (padding, prompt).
+        num_items_in_batch: real target tokens in the whole optimizer step (all accumulation
+            micro-batches, all processes when the Trainer averages across devices). ``None`` means
+            "this micro-batch is the whole step" and the denominator is its own token count.
+
+    The T^2 factor keeps the gradient of the soft term on the same scale as the hard term when T
+    changes (Hinton et al. 2015): d/ds of the tempered KL shrinks as 1/T^2.
+
+    A micro-batch with no real token returns exact zeros that still carry a (zero) gradient, never
+    NaN: the denominator is clamped to 1 and masked positions are removed by multiplication.
+    """
+    student_logits, teacher_logits = shared_vocab(student_logits, teacher_logits)
+    s, y = shift_for_causal_lm(student_logits, labels)
+    t, _ = shift_for_causal_lm(teacher_logits, labels)
+    mask = y.ne(IGNORE_INDEX)
+    num_tokens = mask.sum()
+    denom = num_items_in_batch if num_items_in_batch is not None else num_tokens
+    denom = torch.as_tensor(denom, device=s.device, dtype=torch.float32).clamp(min=1)
+
+    zero = s.new_zeros((), dtype=torch.float32)
+    div = token_divergence(s, t, loss_type, temperature, beta)
+    kd = torch.where(mask, div, zero).sum() * (temperature**2) / denom
+    ce_tok = F.cross_entropy(s.float(), y.clamp(min=0), reduction="none")
+    ce = torch.where(mask, ce_tok, zero).sum() / denom
+    loss = alpha * kd + (1.0 - alpha) * ce
+    return DistillationLoss(loss, kd.detach(), ce.detach(), num_tokens)
+
+
+@torch.no_grad()
+def top1_agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor):
+    """(matches, tokens): how often the student's argmax equals the teacher's, on target positions."""
+    student_logits, teacher_logits = shared_vocab(student_logits, teacher_logits)
+    s, y = shift_for_causal_lm(student_logits, labels)
+    t, _ = shift_for_causal_lm(teacher_logits, labels)
+    mask = y.ne(IGNORE_INDEX)
+    matches = (s.argmax(-1).eq(t.argmax(-1)) & mask).sum()
+    return matches, mask.sum()
+
+
+# --- Top-k teacher targets ------------------------------------------------------------------------
+#
+# An offline teacher cache cannot store a 128k-wide distribution per token. It stores the teacher's
+# k most likely ids, their log-probabilities, and the log of the mass left over (the "tail"). The
+# divergences are then taken between two distributions on k + 1 outcomes: the k ids, and "any
+# other id". For the student, the tail is the mass its softmax puts outside the teacher's ids.
+# Merging outcomes can only lose information, so each top-k divergence is <= the full one (data
+# processing inequality); at k = vocab there is nothing to merge and it *is* the full one.
+#
+# Temperature: the targets are log-probabilities at the temperature they were computed with. The
+# ids would be the same at every temperature (scaling logits keeps their order) but the tail mass
+# would not, and it depends on the logits that were dropped. So targets made at T serve a loss at
+# the same T only; the teacher cache records T and refuses a run with another one.
+
+
+class TopKTargets(NamedTuple):
+    logprobs: torch.Tensor  # (..., k) log p_T(v) on `ids`, at the temperature they were made with
+    ids: torch.Tensor  # (..., k) integer ids, distinct, < the shared vocabulary size
+    tail: torch.Tensor  # (...,) log(1 - sum(exp(logprobs))): the mass on all other ids; -inf if k = vocab
+
+
+@torch.no_grad()
+def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0) -> TopKTargets:
+    """The top-k targets of ``softmax(teacher_logits / T)``, in fp32.
+
+    The tail is a logsumexp over the other ids, not ``log(1 - sum p)``: the subtraction cancels
+    catastrophically when the top k hold nearly all the mass, the case that matters.
+    """
+    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    logprobs, ids = log_t.topk(k, dim=-1)
+    tail = log_t.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    return TopKTargets(logprobs, ids, tail)
+
+
+def topk_log_buckets(log_s: torch.Tensor, targets: TopKTargets):
+    """(student, teacher) log-probabilities on the k + 1 outcomes: the teacher's ids, then the tail.
+
+    ``log_s`` is the student's log-softmax over the same vocabulary. At k = vocab the tail is empty
+    for both and is left out (its -inf - -inf would poison the gradients).
+    """
+    ids = targets.ids.long()
+    log_s_k = log_s.gather(-1, ids)
+    log_t_k = targets.logprobs.to(log_s.dtype)
+    if ids.shape[-1] == log_s.shape[-1]:
+        return log_s_k, log_t_k
+    tail_s = log_s.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+    tail_t = targets.tail.to(log_s.dtype).unsqueeze(-1)
+    return torch.cat([log_s_k, tail_s], -1), torch.cat([log_t_k, tail_t], -1)
+
+
+def topk_token_divergence(
+    student_logits: torch.Tensor,
+    targets: TopKTargets,
+    loss_type: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """Per-position divergence between the top-k teacher targets and the student, over k + 1 outcomes.
+
+    Same definitions, beta convention and fp32 log-space as :func:`token_divergence`; not T^2-scaled.
+    ``student_logits`` span the vocabulary the targets were computed on.
+    """
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_s_b, log_t_b = topk_log_buckets(log_s, targets)
+    # Both bucket vectors are normalised log-distributions, on which log_softmax is the identity
+    # (value and gradient), so token_divergence at T = 1 is the divergence between them.
+    return token_divergence(log_s_b, log_t_b, loss_type, 1.0, beta)
+
+
+def topk_distillation_loss(
+    student_logits: torch.Tensor,
+    targets: TopKTargets,
+    labels: torch.Tensor,
+    *,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    loss_type: str = "forward_kl",
+    beta: float = 0.5,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    vocab_size: int | None = None,
+) -> DistillationLoss:
+    """:func:`distillation_loss` with the teacher given as :class:`TopKTargets`.
+
+    Args:
+        targets: ``(batch, seq, k)`` (``tail``: ``(batch, seq)``), aligned with ``student_logits``
+            like teacher logits would be (position i predicts label i + 1). Positions that are not
+            targets may hold any finite values.
+        vocab_size: the vocabulary the targets were computed on (the teacher/student shared ids);
+            a wider student is trimmed to it. ``None``: the student's own width.
+    """
+    if vocab_size is not None:
+        student_logits = student_logits[..., :vocab_size]
+    s, y = shift_for_causal_lm(student_logits, labels)
+    mask = y.ne(IGNORE_INDEX)
+    num_tokens = mask.sum()
+    denom = num_items_in_batch if num_items_in_batch is not None else num_tokens
+    denom = torch.as_tensor(denom, device=s.device, dtype=torch.float32).clamp(min=1)
+    # Only target rows are scored: the targets of other positions need not be meaningful.
+    s, y = s[mask], y[mask]
+    t = TopKTargets(*(x[:, :-1].reshape(-1, *x.shape[2:])[mask] for x in targets))
+    kd = topk_token_divergence(s, t, loss_type, temperature, beta).sum() * (temperature**2) / denom
+    ce = F.cross_entropy(s.float(), y, reduction="sum") / denom
+    loss = alpha * kd + (1.0 - alpha) * ce
+    return DistillationLoss(loss, kd.detach(), ce.detach(), num_tokens)

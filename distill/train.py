@@ -1,0 +1,112 @@
+"""The `distill train` job: recipe -> checked inputs -> data -> models -> DistillTrainer -> saved student.
+
+Everything a user can get wrong is checked in that order, cheapest first, so a bad path, a
+mismatched tokenizer or an unusable dataset fails before any model weight is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+from transformers.trainer_utils import get_last_checkpoint
+
+from distill.config import DataArguments, DistillConfig, ModelArguments
+from distill.data import Collator, build_datasets
+from distill.models import check_same_tokenizer, load_model, load_tokenizer, resolve, vocab_sizes_fit
+from distill.recipe import load_recipe, parse
+from distill.trainer import DistillTrainer
+
+ARGUMENTS = (ModelArguments, DataArguments, DistillConfig)
+
+
+def teacher_dtype(config: DistillConfig) -> str:
+    if config.teacher_dtype != "auto":
+        return config.teacher_dtype
+    return "bfloat16" if config.bf16 else "float16" if config.fp16 else "float32"
+
+
+def resume_checkpoint(config) -> str | None:
+    """`resume_from_checkpoint: true` (or "last") means the newest checkpoint in output_dir."""
+    value = config.resume_from_checkpoint
+    if value in (True, "true", "True", "last"):
+        last = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
+        if last is None:
+            raise ValueError(f"resume_from_checkpoint is set but {config.output_dir} holds no checkpoint-* folder")
+        return last
+    if value and not os.path.isdir(value):
+        raise ValueError(f"resume_from_checkpoint: {value} is not a checkpoint directory")
+    return value or None
+
+
+def save_run_files(output_dir: str, recipe: dict, metrics: dict) -> None:
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+
+
+def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
+    recipe = load_recipe(recipe_path, overrides)
+    model_args, data_args, config = parse(recipe, ARGUMENTS)
+    resolve(model_args.model_name_or_path)
+    resolve(config.teacher_model_name_or_path)
+    resume = resume_checkpoint(config)
+
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    check_same_tokenizer(tokenizer, load_tokenizer(config.teacher_model_name_or_path))
+    with config.main_process_first(desc="tokenizing"):
+        train_data, eval_data = build_datasets(data_args, tokenizer, seed=config.seed)
+
+    student = load_model(model_args.model_name_or_path, model_args.dtype, model_args.attn_implementation)
+    teacher = load_model(config.teacher_model_name_or_path, teacher_dtype(config), model_args.attn_implementation)
+    vocab_sizes_fit(tokenizer, student, teacher)
+
+    trainer = DistillTrainer(
+        model=student,
+        teacher=teacher,
+        args=config,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        processing_class=tokenizer,
+        data_collator=Collator(tokenizer.pad_token_id),
+    )
+    before = trainer.evaluate(metric_key_prefix="eval_before") if eval_data is not None and not resume else {}
+    train_metrics = trainer.train(resume_from_checkpoint=resume).metrics
+    after = trainer.evaluate() if eval_data is not None else {}
+    trainer.save_model(config.output_dir)  # student weights + tokenizer, loadable with from_pretrained
+
+    metrics = {"train": train_metrics, "eval_before": before, "eval": after, "global_step": trainer.state.global_step}
+    if trainer.is_world_process_zero():
+        save_run_files(config.output_dir, recipe, metrics)
+        print(summary(trainer, metrics, config.output_dir))
+    return metrics
+
+
+def _last(history: list[dict], key: str):
+    return next((h[key] for h in reversed(history) if key in h), None)
+
+
+def summary(trainer, metrics: dict, output_dir: str) -> str:
+    def fmt(x):
+        return "n/a" if x is None else f"{x:.4f}"
+
+    history = trainer.state.log_history
+    lines = [
+        "",
+        "distill: done",
+        f"  steps            {metrics['global_step']}",
+        f"  final kd_loss    {fmt(_last(history, 'kd_loss'))}",
+        f"  final ce_loss    {fmt(_last(history, 'ce_loss'))}",
+    ]
+    if metrics["eval"]:
+        before = metrics["eval_before"].get("eval_before_agreement")
+        lines.append(f"  agreement with teacher (held out)  before {fmt(before)}  after {fmt(metrics['eval']['eval_agreement'])}")
+        lines.append(
+            f"  held-out KL to teacher            before {fmt(metrics['eval_before'].get('eval_before_kd_loss'))}"
+            f"  after {fmt(metrics['eval']['eval_kd_loss'])}"
+        )
+    lines.append(f"  student saved to {output_dir}")
+    return "\n".join(lines)

@@ -1,0 +1,89 @@
+"""Errors a user can cause end in one clear line from the CLI, before any training, never a traceback."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from distill.cli import main
+from distill.models import load_tokenizer
+
+from conftest import DATA, ROOT, STUDENT, TEACHER
+
+BASE = {
+    "model_name_or_path": STUDENT,
+    "teacher_model_name_or_path": TEACHER,
+    "dataset": str(DATA / "corpus_train.jsonl"),
+    "max_steps": 1,
+    "use_cpu": "true",
+}
+
+
+def run_cli(tmp_path, capsys, **changes):
+    values = {**BASE, "output_dir": str(tmp_path / "out"), **changes}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("".join(f"{k}: {v}\n" for k, v in values.items() if v is not None))
+    code = main(["train", str(recipe)])
+    err = capsys.readouterr().err
+    assert not (tmp_path / "out").exists(), "the error came after training had started"
+    return code, err
+
+
+def assert_clear(code, err, *needles):
+    assert code == 2
+    assert "Traceback" not in err
+    assert err.startswith("distill train: error:")
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.mark.parametrize(
+    "changes,needles",
+    [
+        ({"model_name_or_path": "/nowhere/student"}, ["model path not found", "/nowhere/student"]),
+        ({"teacher_model_name_or_path": "./missing-teacher"}, ["model path not found"]),
+        ({"alpha": 1.5}, ["alpha must be in [0, 1]"]),
+        ({"temperature": 0}, ["temperature must be > 0"]),
+        ({"loss_type": "kl"}, ["unknown loss_type 'kl'", "forward_kl"]),
+        ({"temprature": 2.0}, ["unknown recipe key 'temprature'", "did you mean 'temperature'"]),
+        ({"dataset": str(DATA / "prompts.jsonl")}, ["none that distill can train on", "prompt"]),
+        ({"dataset": None}, ["dataset is required"]),
+    ],
+    ids=["student-path", "teacher-path", "alpha", "temperature", "loss-type", "unknown-key", "no-column", "no-dataset"],
+)
+def test_bad_recipe_gives_one_clear_error(tmp_path, capsys, changes, needles):
+    assert_clear(*run_cli(tmp_path, capsys, **changes), *needles)
+
+
+def test_empty_dataset_is_refused(tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("")
+    assert_clear(*run_cli(tmp_path, capsys, dataset=str(tmp_path / "empty.jsonl")), "empty")
+
+
+def test_teacher_with_a_different_tokenizer_is_refused(tmp_path, capsys):
+    other = tmp_path / "other_teacher"
+    shutil.copytree(TEACHER, other)
+    tokenizer = load_tokenizer(TEACHER)
+    tokenizer.add_tokens(["<other-family>"])
+    tokenizer.save_pretrained(other)
+    assert_clear(*run_cli(tmp_path, capsys, teacher_model_name_or_path=str(other)), "tokenizers differ")
+
+
+def test_missing_recipe_and_bad_override_are_clear(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "recipe not found" in capsys.readouterr().err
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("".join(f"{k}: {v}\n" for k, v in BASE.items()))
+    assert main(["train", str(recipe), "--alpha"]) == 2
+    assert "override --alpha has no value" in capsys.readouterr().err
+
+
+def test_the_script_entry_point_reports_errors_without_traceback(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("".join(f"{k}: {v}\n" for k, v in {**BASE, "alpha": -1}.items()))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "distill.py"), str(recipe)], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert proc.returncode == 2
+    assert "alpha must be in [0, 1]" in proc.stderr and "Traceback" not in proc.stderr
