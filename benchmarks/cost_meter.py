@@ -1,13 +1,14 @@
 """What does measuring FLOPs cost a training step, and does the measured count match the analytic one?
 
-    python benchmarks/cost_meter.py [--steps 15] [--only tiny|large]
+    python benchmarks/cost_meter.py [--steps 15] [--large-steps 5] [--only tiny|large]
 
 For each teacher -> student pair, one DistillTrainer step (teacher forward, student forward + backward,
 loss, optimizer step) is timed with the cost meter attached and without it, alternating in one process
 so drift hits both equally. Reported:
 
   plain, metered : median step time without / with the meter (shapes already counted)
-  overhead       : metered / plain - 1, the goal is < 1%; on a shared CPU this is mostly noise, so
+  overhead       : median over alternations of metered / plain - 1 (each pair back to back); the goal
+                   is < 1%; on a shared CPU this is mostly noise, so
   bookkeeping    : the meter's own per-step work (two measure() blocks around no computation),
                    timed over many repetitions, as a share of the plain step: the noise-free number
   first step     : the one step per input shape that runs FlopCounterMode, relative to a plain step
@@ -32,9 +33,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distill.config import DistillConfig  # noqa: E402
-from distill.cost import CostCallback, model_size, training_flops  # noqa: E402
-from distill.trainer import DistillTrainer  # noqa: E402
+from distill.config import DistillConfig
+from distill.cost import model_size, training_flops
+from distill.trainer import DistillTrainer
 
 
 def llama(layers, hidden, inter, vocab, heads, kv_heads, tie=False, seed=0):
@@ -56,9 +57,9 @@ def setups(only):
             pair = load_model(str(tiny / "teacher")), load_model(str(tiny / "student"))
         else:  # the shapes scripts/build_tiny_models.py gives them, random weights
             pair = llama(4, 128, 352, 1024, 4, 2), llama(2, 64, 176, 1000, 4, 2, tie=True, seed=1)
-        yield "tiny (4x128 -> 2x64)", *pair, (16, 128)
+        yield "tiny (4x128 -> 2x64)", *pair, (16, 128), "steps"
     if only in (None, "large"):
-        yield "large (8x512 -> 4x256, V=32000)", llama(8, 512, 1408, 32000, 8, 4), llama(4, 256, 704, 32000, 4, 2, seed=1), (4, 256)  # fmt: skip
+        yield "large (8x512 -> 4x256, V=32000)", llama(8, 512, 1408, 32000, 8, 4), llama(4, 256, 704, 32000, 4, 2, seed=1), (4, 256), "large_steps"  # fmt: skip
 
 
 def analytic(model):
@@ -121,7 +122,7 @@ def bench(name, teacher, student, shape, steps):
         "batch": f"{batch}x{seq}",
         "plain_step_s": med["plain"],
         "metered_step_s": med["metered"],
-        "overhead": med["metered"] / med["plain"] - 1,
+        "overhead": statistics.median(m / p - 1 for m, p in zip(times["metered"], times["plain"][1:])),
         "bookkeeping_us": bookkeeping * 1e6,
         "bookkeeping_share": bookkeeping / med["plain"],
         "first_step_ratio": first / med["plain"],
@@ -136,9 +137,10 @@ def bench(name, teacher, student, shape, steps):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=15, help="alternations of metered and plain steps")
+    parser.add_argument("--large-steps", type=int, default=5, help="alternations for the large pair")
     parser.add_argument("--only", choices=["tiny", "large"])
     args = parser.parse_args()
-    rows = [bench(name, t, s, shape, args.steps) for name, t, s, shape in setups(args.only)]
+    rows = [bench(name, t, s, shape, getattr(args, steps)) for name, t, s, shape, steps in setups(args.only)]
     print(
         f"\n{'setup':32} {'batch':>7} {'plain':>9} {'metered':>9} {'overhead':>9} {'bookkeeping':>16} "
         f"{'1st step':>9} {'teacher FLOPs':>14} {'meas/anal':>10} {'student FLOPs':>14} {'meas/anal':>10}"

@@ -18,11 +18,16 @@ memory available (``--max-gb``), it runs at fewer tokens and its memory and time
 linearly in tokens (they are linear: every tensor involved is tokens x something); the table marks
 those rows "scaled from N".
 
-Timings are medians of ``--repeats`` runs after one warm-up, on a CPU shared with other processes:
-expect noise of tens of percent; compare ratios within one run rather than across runs.
+Timings are the fastest of 1 + ``--repeats`` runs after one warm-up (other processes on a shared CPU
+only ever add time, so the minimum is the least disturbed figure); cases of 8192 x 32000 and larger
+run once, without warm-up (each takes minutes on 2 cores). On a shared CPU expect noise of tens of
+percent on single runs; compare ratios within one run rather than across runs.
 
-    python benchmarks/loss_memory.py                      # the full table (~minutes on 2 cores)
-    python benchmarks/loss_memory.py --tokens 1024 --vocab 32000   # one size
+Last, the whole KD step of the trainer (``--no-step`` skips it): peak memory above the loaded models
+and time of one ``DistillTrainer.training_step`` with ``chunked_loss`` false and true.
+
+    python benchmarks/loss_memory.py                      # everything (~15-30 min on 2 shared cores)
+    python benchmarks/loss_memory.py --tokens 1024 --vocab 32000 --no-step   # one size
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import sys
 import time
 
 GIB = 2**30
+BIG = 2**28  # tokens x vocab from which a case runs once, without warm-up (8192 x 32000 and up)
 
 
 def _status_kib(field: str) -> int:
@@ -73,21 +79,76 @@ def run_case(path: str, tokens: int, vocab: int, hidden: int, repeats: int, loss
         out.loss.backward()
         return out.loss.item()
 
-    step()  # warm-up: thread pools, allocator
-    h_s.grad = w_s.grad = None
+    if tokens * vocab < BIG:  # warm-up: thread pools, allocator. A big case's step takes minutes on
+        step()  # 2 cores; its one-time costs are lost in it.
+        h_s.grad = w_s.grad = None
+    else:
+        repeats = 0
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident set
     before = _status_kib("VmRSS")
-    step()
+    start = time.perf_counter()
+    loss = step()
+    times = [time.perf_counter() - start]
     extra = (_status_kib("VmHWM") - before) * 1024
     grads = (w_s.numel() + h_s.numel()) * 4
-    times = []
     for _ in range(repeats):
         start = time.perf_counter()
         loss = step()
         times.append(time.perf_counter() - start)
-    times.sort()
-    return {"extra": extra, "overhead": extra - grads, "seconds": times[len(times) // 2], "loss": loss}
+    return {"extra": extra, "overhead": extra - grads, "seconds": min(times), "loss": loss}
+
+
+def run_step(chunked: bool, repeats: int) -> dict:
+    """One whole DistillTrainer training step (teacher forward, student forward + backward, loss) on
+    the larger random-init pair of benchmarks/step_overhead.py: teacher 8 x 512, student 4 x 256,
+    vocabulary 32000, batch 4 x 256."""
+    import tempfile
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distill.config import DistillConfig
+    from distill.trainer import DistillTrainer
+
+    def llama(layers, width):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=32000, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+            num_attention_heads=width // 64, num_key_value_heads=width // 64,
+        ))  # fmt: skip
+
+    args = DistillConfig(
+        output_dir=tempfile.mkdtemp(), teacher_model_name_or_path="random-init", chunked_loss=chunked,
+        use_cpu=True, report_to="none", measure_cost=False, temperature=2.0,
+    )  # fmt: skip
+    student = llama(4, 256)
+    trainer = DistillTrainer(model=student, teacher=llama(8, 512), args=args)
+    assert trainer._chunked is chunked
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 32000, (4, 256), generator=g)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    tokens = torch.tensor(4 * 255)
+
+    def step():
+        student.zero_grad(set_to_none=True)
+        return trainer.training_step(student, inputs, tokens).item()
+
+    step()  # warm-up
+    student.zero_grad(set_to_none=True)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
+    start = time.perf_counter()
+    loss = step()
+    times = [time.perf_counter() - start]
+    extra = (_status_kib("VmHWM") - before) * 1024
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    grads = sum(p.numel() * 4 for p in student.parameters())
+    return {"extra": extra, "overhead": extra - grads, "seconds": min(times), "loss": loss}
 
 
 def reference_peak_estimate(tokens: int, vocab: int) -> float:
@@ -103,19 +164,16 @@ def measure(path, tokens, vocab, args) -> dict:
             run_tokens //= 2
     cmd = [sys.executable, __file__, "--one", path, str(run_tokens), str(vocab)]
     cmd += ["--hidden", str(args.hidden), "--repeats", str(args.repeats), "--loss-type", args.loss_type]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"PYTHONPATH": ROOT})
+    out = subprocess.run(cmd, check=False, capture_output=True, text=True, env=os.environ | {"PYTHONPATH": ROOT})
     if out.returncode != 0:
         raise RuntimeError(f"{path} {tokens}x{vocab} failed:\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
     if run_tokens != tokens:
         f = tokens / run_tokens
-        grads_run = (vocab * args.hidden + run_tokens * args.hidden) * 4
-        grads = (vocab * args.hidden + tokens * args.hidden) * 4
         result["overhead"] *= f
-        result["extra"] = result["overhead"] + grads
+        result["extra"] = result["overhead"] + (vocab + tokens) * args.hidden * 4  # + the gradients
         result["seconds"] *= f
         result["scaled_from"] = run_tokens
-        del grads_run
     return result
 
 
@@ -127,11 +185,16 @@ def main() -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=[1024, 8192])
     p.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
     p.add_argument("--hidden", type=int, default=256, help="hidden size of both models' last layer")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2, help="timed runs after the measured one")
     p.add_argument("--loss-type", default="forward_kl")
     p.add_argument("--max-gb", type=float, default=16.0, help="memory a reference case may use")
     p.add_argument("--one", nargs=3, metavar=("PATH", "TOKENS", "VOCAB"), help=argparse.SUPPRESS)
+    p.add_argument("--one-step", choices=["reference", "chunked"], help=argparse.SUPPRESS)
+    p.add_argument("--no-step", action="store_true", help="skip the whole-training-step rows")
     args = p.parse_args()
+    if args.one_step:
+        print(json.dumps(run_step(args.one_step == "chunked", args.repeats)))
+        return
     if args.one:
         path, tokens, vocab = args.one[0], int(args.one[1]), int(args.one[2])
         print(json.dumps(run_case(path, tokens, vocab, args.hidden, args.repeats, args.loss_type)))
@@ -164,6 +227,19 @@ def main() -> None:
                 "reference_scaled_from": ref.get("scaled_from"),
                 "loss_rel_diff": abs(ref["loss"] - ch["loss"]) / abs(ref["loss"]) if "scaled_from" not in ref else None,
             })  # fmt: skip
+    step = {}
+    if not args.no_step:
+        print("\nwhole KD step, random-init teacher 8x512 / student 4x256, vocab 32000, batch 4x256:")
+        for path in ("reference", "chunked"):
+            cmd = [sys.executable, __file__, "--one-step", path, "--repeats", str(args.repeats)]
+            out = subprocess.run(
+                cmd, check=False, capture_output=True, text=True, env=os.environ | {"PYTHONPATH": ROOT}
+            )
+            if out.returncode != 0:
+                raise RuntimeError(f"step {path} failed:\n{out.stderr[-3000:]}")
+            step[path] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"  {path:>9}: peak {step[path]['extra'] / 1e6:.0f} MB above the models (of which "
+                  f"{step[path]['overhead'] / 1e6:.0f} MB beyond the student's gradients), {step[path]['seconds']:.2f} s")  # fmt: skip
     goals = {}
     for r in rows:
         if (r["tokens"], r["vocab"]) == (1024, 32000):
@@ -171,8 +247,9 @@ def main() -> None:
         if (r["tokens"], r["vocab"]) == (8192, 128256):
             goals["chunked_le_eighth_of_reference_at_8192x128256"] = r["memory_ratio"] <= 1 / 8
     goals["chunked_no_slower"] = all(r["speedup"] >= 1.0 for r in rows)
+    step = {path: {"peak_mb": round(r["extra"] / 1e6), "seconds": round(r["seconds"], 3)} for path, r in step.items()}
     print(json.dumps({"benchmark": "loss_memory", "hidden": args.hidden, "loss_type": args.loss_type,
-                      "rows": rows, "goals": goals}))  # fmt: skip
+                      "rows": rows, "step": step, "goals": goals}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -35,7 +35,10 @@ inputs are computed in float64, which lets the tests check the closed forms to 1
 
 from __future__ import annotations
 
+import inspect
 import math
+from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import nn
@@ -61,17 +64,25 @@ _LOGIT_TRANSFORMS = (
 )
 
 
+def _base(model: nn.Module) -> nn.Module:
+    """The transformers model inside a ``peft.PeftModel`` (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 def supports_chunked_loss(model: nn.Module) -> bool:
     """Whether ``model``'s logits are exactly ``last_hidden_state @ lm_head.weight.T``.
 
     True for a plain ``nn.Linear`` output layer without bias and no logit softcapping or scaling in
-    the config; the trainer falls back to the reference loss otherwise. A PEFT adapter *on* the
+    the config, in a model whose forward takes ``logits_to_keep`` (so that the trainer can skip the
+    full logits); the trainer falls back to the reference loss otherwise. A PEFT adapter *on* the
     output layer replaces the ``nn.Linear`` and so also falls back.
     """
-    get_base = getattr(model, "get_base_model", None)  # peft.PeftModel wraps the transformers model
-    model = get_base() if callable(get_base) else model
+    model = _base(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(head) is not nn.Linear or head.bias is not None:
+        return False
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
         return False
     configs = [getattr(model, "config", None)]
     configs.append(getattr(configs[0], "text_config", None))
@@ -80,6 +91,32 @@ def supports_chunked_loss(model: nn.Module) -> bool:
             if getattr(config, name, None) not in (None, 1, 1.0):
                 return False
     return True
+
+
+def output_weight(model: nn.Module) -> torch.Tensor:
+    """``lm_head.weight`` of a model that :func:`supports_chunked_loss`."""
+    return _base(model).get_output_embeddings().weight
+
+
+@contextmanager
+def final_hidden_states(model: nn.Module):
+    """Within the block, a forward of ``model`` leaves its final hidden states (the output layer's
+    input) in the yielded dict under ``"hidden"``.
+
+    The caller still calls the model itself, not its decoder, so that wrappers that act in the
+    forward (DDP's gradient synchronisation, PEFT) stay in the loop; with ``logits_to_keep=1`` the
+    output layer then runs on one position per sequence instead of all of them.
+    """
+    captured = {}
+
+    def hook(module, args, output):
+        captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    handle = _base(model).get_decoder().register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 def chunked_distillation_loss(
@@ -190,7 +227,7 @@ class _ChunkedKD(torch.autograd.Function):
     def forward(ctx, h_s, w_s, teacher, y, denom, vocab, chunk_size, compute_dtype, grad_enabled, *loss_args):
         need_h = grad_enabled and h_s.requires_grad
         need_w = grad_enabled and w_s.requires_grad
-        alpha, temperature = loss_args[:2]
+        alpha, temperature, loss_type, beta = loss_args
         with torch.autocast(device_type=h_s.device.type, enabled=False):
             ws = w_s[:vocab].to(compute_dtype)
             if not isinstance(teacher, TopKTargets):
@@ -207,23 +244,26 @@ class _ChunkedKD(torch.autograd.Function):
             for start in range(0, h_s.shape[0], chunk_size):
                 rows = slice(start, start + chunk_size)
                 hs = h_s[rows].to(compute_dtype)
-                s = (hs @ ws.T).to(math_dtype)
                 if isinstance(teacher, TopKTargets):
                     t = TopKTargets(*(x[rows] for x in teacher))
-                else:
-                    t = (h_t[rows].to(compute_dtype) @ wt.T).to(math_dtype)
-                kd_c, ce_c, g = _chunk(s, t, y[rows], need_h or need_w, *loss_args)
+                else:  # made inside _chunk once the student's logits are consumed: one buffer less
+                    t = partial(_logits, h_t[rows], wt, compute_dtype, math_dtype)
+                # The logits are passed, not named here (nor packed in a *args tuple), so that _chunk
+                # can free them as soon as it is done with them.
+                kd_c, ce_c, g, scale = _chunk(_logits(hs, ws, compute_dtype, math_dtype), t, y[rows],
+                                              need_h or need_w, alpha, temperature, loss_type, beta)  # fmt: skip
                 kd_sum += kd_c
                 ce_sum += ce_c
                 if g is None:
                     continue
-                g = g.div_(denom).to(compute_dtype)
+                g = g.mul_(scale / denom).to(compute_dtype)
                 if need_h:
                     grad_h[rows] = g @ ws
                 if need_w and acc_dtype == compute_dtype:
                     grad_w[:vocab].addmm_(g.T, hs)
                 elif need_w:
                     grad_w[:vocab] += g.T @ hs
+                del g  # before the next chunk allocates its own
         kd = kd_sum * temperature**2 / denom
         ce = ce_sum / denom
         loss = alpha * kd + (1.0 - alpha) * ce
@@ -242,11 +282,8 @@ class _ChunkedKD(torch.autograd.Function):
         return (grad_h, grad_w) + (None,) * 11
 
 
-def _log_softmax_(x: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log_softmax(x / T) over the last dim, in place."""
-    if temperature != 1.0:
-        x.div_(temperature)
-    return x.sub_(torch.logsumexp(x, -1, keepdim=True))
+def _logits(h, w, compute_dtype, math_dtype):
+    return (h.to(compute_dtype) @ w.T).to(math_dtype)
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -255,30 +292,38 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk(s, t, y, need_grad, alpha, temperature, loss_type, beta):
-    """(sum of divergence, sum of CE, d(alpha T^2 div + (1 - alpha) CE)/ds) over one chunk.
+    """(sum of divergence, sum of CE, gradient, its scale) over one chunk's target rows.
 
-    ``s``: fp32 student logits of the chunk's target rows; ``t``: the teacher's logits for them,
-    or their top-k targets. Logits are overwritten (they are the largest tensors here; working in
-    place keeps a chunk at about four logits-sized buffers). The gradient is None without
-    ``need_grad``.
+    ``s``: student logits (fp32); ``t``: a callable making the teacher's logits for the same rows,
+    or their top-k targets. ``scale * gradient`` is d(alpha T^2 div + (1 - alpha) CE)/ds; the scale is applied by
+    the caller together with the 1/denominator, to spare a pass over the chunk. Logits-sized
+    buffers are reused in place and dropped as soon as possible: a chunk holds about four.
     """
     T = temperature
-    lse = torch.logsumexp(s, -1)
-    ce = (lse - s.gather(1, y[:, None]).squeeze(1)).sum()
-    g = None
+    log_s1 = torch.log_softmax(s, -1)  # CE is at T = 1 whatever T is
+    ce = -log_s1.gather(1, y[:, None]).sum()
+    log_s = log_s1 if T == 1.0 else torch.log_softmax(s.div_(T), -1)
+    del s
+    g, scale = None, 1.0
     if need_grad and alpha < 1.0:
-        g = torch.softmax(s, -1)  # dCE/ds = softmax(s) - onehot(y), at T = 1 whatever T is
+        # dCE/ds = softmax(s) - onehot(y). The KD gradient is added to it divided by (1 - alpha),
+        # and the caller multiplies the sum by (1 - alpha).
+        g = log_s1.exp() if T == 1.0 else log_s1.exp_()
         g.scatter_add_(1, y[:, None], g.new_full((len(y), 1), -1.0))
-        g.mul_(1.0 - alpha)
+        scale = 1.0 - alpha
     elif need_grad:
-        g = torch.zeros_like(s)
-    log_s = s.sub_(lse[:, None]) if T == 1.0 else _log_softmax_(s, T)
-    kd_grad = g if alpha > 0.0 else None  # at alpha = 0 the KD gradient would be multiplied by 0
+        g = torch.zeros_like(log_s)
+    del log_s1
+    # the KD term is alpha T^2 D and da/ds = 1/T, so it adds alpha T dD/da
+    kd_g, kd_scale = (g, alpha * T / scale) if alpha > 0.0 else (None, 0.0)
     if isinstance(t, TopKTargets):
-        div = _topk_divergence_(log_s, t, kd_grad, alpha * T, loss_type, beta)
+        div = _topk_divergence_(log_s, t, kd_g, kd_scale, loss_type, beta)
     else:
-        div = _divergence_(log_s, _log_softmax_(t, T), kd_grad, alpha * T, loss_type, beta)
-    return div, ce, g
+        t = t()
+        log_t = torch.log_softmax(t.div_(T) if T != 1.0 else t, -1)
+        del t
+        div = _divergence_(log_s, log_t, kd_g, kd_scale, loss_type, beta)
+    return div, ce, g, scale
 
 
 def _divergence_(log_s, log_t, g, scale, loss_type, beta):
@@ -306,9 +351,10 @@ def _divergence_(log_s, log_t, g, scale, loss_type, beta):
     torch.logaddexp(log_m, log_s + math.log(1.0 - beta), out=log_m)
     p_t = log_t.exp()
     div_t = _rowdot(p_t, log_t.sub_(log_m)).sum()
-    del p_t
+    del p_t, log_t
     p_s = log_s.exp()
     diff = log_s.sub_(log_m)  # log p_S - log M
+    del log_m
     kl_s = _rowdot(p_s, diff)
     if g is not None:
         g.add_(diff.sub_(kl_s[:, None]).mul_(p_s), alpha=scale * (1.0 - beta))
@@ -349,3 +395,31 @@ def _topk_divergence_(log_s, targets, g, scale, loss_type, beta):
         if has_tail:
             g.add_(tail_only.exp_().mul_(c[:, k:]), alpha=scale)
     return per_row.sum()
+
+
+@torch.no_grad()
+def chunked_top1_agreement(student_hidden, student_weight, teacher, labels, vocab_size=None, chunk_size=None):
+    """(matches, tokens): how often the student's argmax equals the teacher's on target positions,
+    as :func:`distill.losses.top1_agreement`, a chunk of rows at a time.
+
+    ``teacher`` is ``(teacher_hidden, teacher_weight)`` or :class:`TopKTargets` (whose first id is
+    the teacher's argmax). ``vocab_size`` as in :func:`chunked_topk_distillation_loss`.
+    """
+    target = labels[:, 1:].ne(IGNORE_INDEX)
+    h_s = student_hidden[:, :-1][target]
+    if isinstance(teacher, TopKTargets):
+        vocab = vocab_size or student_weight.shape[0]
+        teacher_top1 = teacher.ids[:, :-1][target][:, 0].long()
+    else:
+        vocab = min(student_weight.shape[0], teacher[1].shape[0])
+        h_t = teacher[0][:, :-1][target]
+        w_t = teacher[1][:vocab].to(h_t.dtype)
+    w_s = student_weight[:vocab].to(h_s.dtype)
+    chunk_size = chunk_size or MAX_CHUNK_ROWS
+    matches = torch.zeros((), dtype=torch.long, device=h_s.device)
+    for start in range(0, h_s.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        s_top1 = (h_s[rows] @ w_s.T).argmax(-1)
+        t_top1 = teacher_top1[rows] if isinstance(teacher, TopKTargets) else (h_t[rows] @ w_t.T).argmax(-1)
+        matches += s_top1.eq(t_top1).sum()
+    return matches, target.sum()

@@ -17,6 +17,50 @@ def _train(args, rest):
     train.run(args.recipe, rest)
 
 
+def _cache_teacher(args, rest):
+    from distill import teacher_cache
+
+    print(teacher_cache.summary(*teacher_cache.build(args.recipe, rest)))
+
+
+def _finetune(args, rest):
+    from distill import finetune
+
+    if args.help_keys:
+        from distill.recipe import describe
+
+        print(describe(finetune.ARGUMENTS))
+        return
+    finetune.run(args.recipe, rest)
+
+
+def _merge(args, rest):
+    from distill import adapters
+
+    if rest:
+        raise ValueError(f"unrecognized arguments: {' '.join(rest)}")
+    print(adapters.merge(args.adapter, args.output, args.base, args.dtype))
+
+
+def _generate(args, rest):
+    from distill import generate
+
+    if args.help_keys:
+        from distill.recipe import describe
+
+        print(describe(generate.ARGUMENTS))
+        return
+    generate.run(args.recipe, rest)
+
+
+def _eval(args, rest):
+    from distill import evaluate
+
+    if rest:
+        raise ValueError(f"unrecognized arguments: {' '.join(rest)}")
+    evaluate.run(args)
+
+
 def _cost(args, rest):
     from distill import cost
 
@@ -33,6 +77,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", help="recipe YAML; then any --key value overrides")
     p.add_argument("--help-keys", action="store_true", help="list every recipe key with its default and help")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("cache-teacher", help="run the teacher once and store its top-k targets for `teacher_cache`")
+    p.add_argument(
+        "recipe", nargs="?", help="the training recipe, with teacher_cache: PATH; then --key value overrides"
+    )
+    p.set_defaults(func=_cache_teacher)
+
+    p = sub.add_parser("finetune", help="fine-tune a (distilled) model on domain data, with LoRA or in full")
+    p.add_argument("recipe", nargs="?", help="recipe YAML; then any --key value overrides")
+    p.add_argument("--help-keys", action="store_true", help="list every recipe key with its default and help")
+    p.set_defaults(func=_finetune)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base: a full model plain transformers loads")
+    p.add_argument("adapter", help="folder with adapter_config.json + adapter_model.safetensors (a use_peft run)")
+    p.add_argument("--output", required=True, help="folder for the merged model and tokenizer")
+    p.add_argument("--base", help="base model path or hub id (default: the one named in adapter_config.json)")
+    p.add_argument("--dtype", default="float32", help="dtype to merge and save in (float32)")
+    p.set_defaults(func=_merge)
+
+    p = sub.add_parser("generate", help="write the teacher's completions for a prompt file (sequence-level KD data)")
+    p.add_argument("recipe", nargs="?", help="recipe YAML; then any --key value overrides")
+    p.add_argument("--help-keys", action="store_true", help="list every recipe key with its default and help")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("eval", help="teacher vs student on held-out data: quality, speed and cost, with plots")
+    p.add_argument("--teacher", required=True, help="teacher: model dir, .gguf file or hub id")
+    p.add_argument("--student", required=True, help="student: model dir, LoRA adapter dir, .gguf file or hub id")
+    p.add_argument("--data", required=True, help="held-out data: a file, folder or hub dataset distill can train on")
+    p.add_argument("--split", default="train", help="split of a hub dataset (train)")
+    p.add_argument("--max-samples", type=int, help="use only the first N rows of --data")
+    p.add_argument(
+        "--max-length", type=int, default=512, help="tokens per sequence, and the context FLOPs assume (512)"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (8)")
+    p.add_argument("--dtype", default="auto", help="dtype both models run in: auto (as saved), float32, bfloat16")
+    p.add_argument("--output-dir", help="where the report goes (default: RUN_DIR/eval, else STUDENT/eval)")
+    p.add_argument("--run-dir", help="the student's training output_dir: adds its loss curves and training cost")
+    p.add_argument("--compare", nargs="+", default=[], help="earlier eval_report.json files (or their folders) to plot")
+    p.add_argument("--prompts", help="prompt file for the greedy generations (default: prompts from --data)")
+    p.add_argument("--num-prompts", type=int, default=4, help="greedy generations side by side (4; 0 for none)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per greedy generation (32)")
+    p.add_argument("--accelerator", default="H100", help="accelerator whose dense bf16 peak prices a token (H100)")
+    p.add_argument("--peak-tflops", type=float, help="dense bf16 peak TFLOP/s per device; overrides --accelerator")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation when serving, 0-1 (0.4)")
+    p.add_argument("--price-per-gpu-hour", "--price", type=float, help="$ per GPU-hour, for $ per 1M tokens")
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser("cost", help="plan a run's compute, time and $ before launching it")
     p.add_argument("--student", required=True, help="student: model dir, config.json, hub id, or a count like 135M")

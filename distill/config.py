@@ -12,11 +12,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
+from transformers.utils import is_torch_bf16_gpu_available
 
 from distill.losses import LOSS_TYPES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_bf16_hardware() -> None:
+    """`bf16: true` on a device without bfloat16 fails, with what this machine has and what to set instead."""
+    if is_torch_bf16_gpu_available():
+        return
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        found = (
+            f"a {torch.cuda.get_device_name()} (compute capability {major}.{minor}; bf16 needs 8.0+, Ampere or newer)"
+        )
+        fix = "set fp16: true instead (the teacher then runs in float16), or drop bf16 to train in float32"
+    else:
+        found = "no GPU"
+        fix = (
+            "run on a GPU with bf16 (A100, H100, L4, RTX 30xx or newer), set use_cpu: true to train in bf16 on "
+            "the CPU (slow), or drop bf16 to train in float32"
+        )
+    raise ValueError(f"bf16: true needs bfloat16 support and this machine has {found}: {fix}")
 
 
 def _check_dtype(name: str, value: str) -> None:
@@ -47,11 +68,69 @@ class ModelArguments:
             "(None lets transformers choose)."
         },
     )
+    # Adapters, named like TRL's ModelConfig; turned into a peft.LoraConfig by distill.adapters.
+    use_peft: bool = field(
+        default=False,
+        metadata={
+            "help": "Train LoRA adapters instead of every weight: the base stays frozen and the output folder "
+            "holds only the adapter (PEFT format; `distill merge` folds it into a full model)."
+        },
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank: inner size of the low-rank update B @ A."})
+    lora_alpha: int = field(
+        default=32, metadata={"help": "LoRA scale numerator: the update is (lora_alpha / lora_r) * B @ A."}
+    )
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter's input, in [0, 1)."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={
+            "help": "Modules that get adapters, by name suffix (q_proj, v_proj, c_attn, ...), or all-linear: every "
+            "linear (and GPT-2 Conv1D) layer except the output head."
+        },
+    )
+    lora_modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Modules trained in full and saved with the adapter, e.g. embed_tokens lm_head when new "
+            "tokens were added."
+        },
+    )
+    use_dora: bool = field(
+        default=False,
+        metadata={"help": "DoRA: LoRA on the weight's direction plus a trained magnitude vector (PEFT's use_dora)."},
+    )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "QLoRA: load the frozen base in 4-bit NF4 through bitsandbytes (needs a CUDA GPU, "
+            "bitsandbytes and use_peft); `dtype` is the compute dtype."
+        },
+    )
 
     def __post_init__(self):
         if not self.model_name_or_path:
             raise ValueError("model_name_or_path is required: the hub id or local path of the student model")
         _check_dtype("dtype", self.dtype)
+        if isinstance(self.lora_target_modules, str):  # `lora_target_modules: q_proj` in YAML
+            self.lora_target_modules = [self.lora_target_modules]
+        if isinstance(self.lora_modules_to_save, str):
+            self.lora_modules_to_save = [self.lora_modules_to_save]
+        if self.lora_r <= 0:
+            raise ValueError(f"lora_r must be a positive integer (the adapter rank), got {self.lora_r}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be > 0 (the scale is lora_alpha / lora_r), got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_target_modules:
+            raise ValueError("lora_target_modules is empty: name the modules to adapt, or use all-linear")
+        if "all-linear" in self.lora_target_modules and len(self.lora_target_modules) > 1:
+            raise ValueError(
+                f"lora_target_modules {self.lora_target_modules}: all-linear stands alone; to train other modules "
+                "in full (embeddings, head), list them in lora_modules_to_save"
+            )
+        for name in ("use_dora", "load_in_4bit"):
+            if getattr(self, name) and not self.use_peft:
+                raise ValueError(f"{name}: true only applies to LoRA adapters; set use_peft: true as well")
 
 
 @dataclass
@@ -138,6 +217,30 @@ class DistillConfig(TrainingArguments):
             "beta=0 is forward KL, beta=1 reverse KL."
         },
     )
+    chunked_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute the loss from both models' final hidden states a chunk of tokens at a time "
+            "(distill.chunked): same value and gradients, without ever holding the full logits, the "
+            "largest tensors of a KD step. Used where the models allow it (plain lm_head, no logit "
+            "softcapping or scaling, not under FSDP or ZeRO-3); false: the reference path through the logits."
+        },
+    )
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "Directory of top-k teacher targets. `distill cache-teacher RECIPE` writes it (running the "
+            "teacher once); `distill train` then reads it and loads no teacher model. A cache built for "
+            "another tokenizer, dataset, max_length, k or temperature is refused."
+        },
+    )
+    teacher_top_k: int = field(
+        default=64,
+        metadata={
+            "help": "How many of the teacher's most likely token ids the cache keeps per position (the rest "
+            "of its probability mass is kept as one number). Larger k: closer to the full loss, more disk."
+        },
+    )
     measure_cost: bool = field(
         default=True,
         metadata={
@@ -162,8 +265,13 @@ class DistillConfig(TrainingArguments):
 
     def __post_init__(self):
         # Validate before TrainingArguments.__post_init__, which may already touch devices.
-        if not self.teacher_model_name_or_path:
-            raise ValueError("teacher_model_name_or_path is required: the hub id or local path of the teacher")
+        if not self.teacher_model_name_or_path and not self.teacher_cache:
+            raise ValueError(
+                "teacher_model_name_or_path is required (the hub id or local path of the teacher), "
+                "or teacher_cache: a directory written by `distill cache-teacher`"
+            )
+        if self.teacher_top_k < 1:
+            raise ValueError(f"teacher_top_k must be >= 1, got {self.teacher_top_k}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1] (weight of the KD term), got {self.alpha}")
         if not self.temperature > 0:
@@ -177,4 +285,6 @@ class DistillConfig(TrainingArguments):
             raise ValueError(f"peak_tflops must be > 0 (TFLOP/s of one device), got {self.peak_tflops}")
         if self.gpu_hour_price is not None and self.gpu_hour_price < 0:
             raise ValueError(f"gpu_hour_price must be >= 0 ($ per device-hour), got {self.gpu_hour_price}")
+        if self.bf16 and not self.use_cpu:
+            check_bf16_hardware()
         super().__post_init__()

@@ -347,13 +347,12 @@ class CostCallback(TrainerCallback, ExportableState):
     computed from it. A resumed run adds the time up to the checkpoint, not the lost work after it.
     """
 
-    ROLES = ("teacher", "student")
-
     def __init__(self, peak_tflops: float | None = None, gpu_hour_price: float | None = None):
         self.meter = FlopMeter()
-        self.peak_tflops = peak_tflops
+        self.peak_tflops = peak_tflops  # as given; None: detected at train begin, again after a resume
         self.gpu_hour_price = gpu_hour_price
         self.accelerator: str | None = None
+        self.peak: float | None = peak_tflops  # in use
         # All processes, as of the last sync; what checkpoints hold.
         self.totals = {"teacher_flops": 0, "student_flops": 0, "tokens": 0, "seconds": 0.0}
         self._base = dict(self.totals)
@@ -378,7 +377,7 @@ class CostCallback(TrainerCallback, ExportableState):
         self._start = self._last_time = time.perf_counter()
         self._last_flops = self.total_flops
         if self.peak_tflops is None and (found := detect_accelerator()):
-            self.accelerator, self.peak_tflops = found
+            self.accelerator, self.peak = found
 
     def on_step_end(self, args, state, control, **kwargs):
         if control.should_log or control.should_save or control.should_training_stop:
@@ -431,8 +430,8 @@ class CostCallback(TrainerCallback, ExportableState):
             "pflops_days": pflops_days(total),
             "flops_per_second": rate,
         }
-        if self.peak_tflops:
-            logs["mfu"] = rate / (self.peak_tflops * 1e12)
+        if self.peak:
+            logs["mfu"] = rate / (self.peak * 1e12)
         return logs
 
     def report(self, state=None) -> dict:
@@ -457,8 +456,8 @@ class CostCallback(TrainerCallback, ExportableState):
             "device_hours": device_hours,
             "flops_per_second_per_device": total / seconds / self._devices if seconds else None,
             "accelerator": self.accelerator,
-            "peak_tflops": self.peak_tflops,
-            "mfu": mfu(total, seconds, self.peak_tflops, self._devices) if self.peak_tflops and seconds else None,
+            "peak_tflops": self.peak,
+            "mfu": mfu(total, seconds, self.peak, self._devices) if self.peak and seconds else None,
             "gpu_hour_price": self.gpu_hour_price,
             "cost_usd": device_hours * self.gpu_hour_price if self.gpu_hour_price is not None else None,
             # The Trainer's own estimate (6 x non-embedding parameters x tokens, student only), for comparison.

@@ -6,17 +6,21 @@ optimizer) counts 0. Attention counts its two matmuls QK^T and PV over the full 
 causal or not, because that is what the kernels and the usual formulas count; its backward counts
 twice its forward, like every other matmul. The fused flash kernels recompute QK^T in the backward;
 that recomputation is work the hardware does, not work the model needs, so it is not counted.
+(Gradient checkpointing's recomputed forward does run through the counter and is counted.)
 
-Two gaps of torch 2.13's registry are filled through ``FlopCounterMode(custom_mapping=...)``:
+Three gaps of torch 2.13's registry are filled through ``FlopCounterMode(custom_mapping=...)``:
 
 - CPU SDPA dispatches to ``aten._scaled_dot_product_flash_attention_for_cpu`` (+ ``_backward``),
   which has no formula, so attention silently counted 0;
-- the CUDA SDPA backward formulas count the recomputed QK^T (2.5x the forward, not 2x).
+- the CUDA SDPA backward formulas count the recomputed QK^T (2.5x the forward, not 2x);
+- the in-place ``addmm_`` and ``baddbmm_`` (used by :mod:`distill.chunked` to accumulate the output
+  layer's gradient) are separate ops from ``addmm``/``baddbmm`` and counted 0.
 
 With both, a model counts the same FLOPs under ``eager`` and ``sdpa`` attention, on CPU and GPU.
 
-Counting costs a fifth of a small step, but the count depends only on the input shapes; so
-``FlopMeter`` counts once per (role, shapes) and reuses the number afterwards.
+Counting a step under ``FlopCounterMode`` makes it slower (1.04x to 2.8x on CPU in
+benchmarks/cost_meter.py: the mode's cost is per op, not per FLOP), but the count depends only on
+the input shapes; so ``FlopMeter`` counts once per (role, shapes) and reuses the number afterwards.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, bmm_flop, mm_flop, sdpa_flop_count
 
 aten = torch.ops.aten
 
@@ -36,11 +40,22 @@ def _sdpa_forward_flops(query_shape, key_shape, value_shape, *args, out_shape=No
 
 
 def _sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-    # dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q: four matmuls of the forward's two sizes.
+    # dV = P^T dO, dP = dO V^T, then (dS = softmax backward of dP) dQ = dS K, dK = dS^T Q:
+    # four matmuls of the forward's two sizes.
     return 2 * sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-ATTENTION_FLOP_FORMULAS = {
+def _addmm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return mm_flop(a_shape, b_shape)
+
+
+def _baddbmm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return bmm_flop(a_shape, b_shape)
+
+
+FLOP_FORMULAS = {
+    aten.addmm_: _addmm_flops,
+    aten.baddbmm_: _baddbmm_flops,
     aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_forward_flops,
     aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward_flops,
     aten._scaled_dot_product_flash_attention_backward: _sdpa_backward_flops,
@@ -49,15 +64,17 @@ ATTENTION_FLOP_FORMULAS = {
 }
 # Whatever runs attention must land on one of these (or on a plain bmm/matmul, as eager does);
 # a count with none of them has most likely missed the attention (e.g. a third-party kernel).
-_ATTENTION_OPS = {*ATTENTION_FLOP_FORMULAS, aten.bmm, aten.baddbmm} | {
-    op for op in torch.utils.flop_counter.flop_registry if "attention" in str(op)
-}
+_ATTENTION_OPS = (
+    {op for op in FLOP_FORMULAS if "attention" in str(op)}
+    | {aten.bmm, aten.baddbmm, aten.baddbmm_}
+    | {op for op in torch.utils.flop_counter.flop_registry if "attention" in str(op)}
+)
 
 
 def flop_counter() -> FlopCounterMode:
-    """A silent ``FlopCounterMode`` that also counts the attention kernels above. Use as a context
-    manager, then read ``.get_total_flops()``."""
-    return FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOP_FORMULAS)
+    """A silent ``FlopCounterMode`` that also counts the ops above. Use as a context manager, then
+    read ``.get_total_flops()``."""
+    return FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
 
 
 def shape_key(inputs: Mapping) -> tuple:
@@ -100,9 +117,17 @@ class FlopMeter:
         self.flops.clear()
         self.tokens.clear()
 
+    def move(self, flops: int, src: str, dst: str) -> None:
+        """Reattribute FLOPs counted in ``src``'s block that were done for ``dst`` (e.g. the teacher's
+        output layer, when the loss computes it inside the student's step)."""
+        self.flops[src] = self.flops.get(src, 0) - flops
+        self.flops[dst] = self.flops.get(dst, 0) + flops
+
     @contextmanager
-    def measure(self, role: str, inputs: Mapping):
-        key = (role, shape_key(inputs))
+    def measure(self, role: str, inputs: Mapping, *extra):
+        """Count the block as ``role``'s. ``extra``: whatever else its FLOPs depend on besides the
+        shapes of ``inputs`` (e.g. how many positions are targets, if only those are computed)."""
+        key = (role, shape_key(inputs), *extra)
         ids = inputs.get("input_ids")
         tokens = ids.numel() if isinstance(ids, torch.Tensor) else 0
         known = self._known.get(key)

@@ -250,3 +250,15 @@ def topk_distillation_loss(
     ce = F.cross_entropy(s.float(), y, reduction="sum") / denom
     loss = alpha * kd + (1.0 - alpha) * ce
     return DistillationLoss(loss, kd.detach(), ce.detach(), num_tokens)
+
+
+@torch.no_grad()
+def topk_top1_agreement(
+    student_logits: torch.Tensor, targets: TopKTargets, labels: torch.Tensor, vocab_size: int | None = None
+):
+    """:func:`top1_agreement` against top-k targets, whose first id is the teacher's argmax."""
+    s, y = shift_for_causal_lm(student_logits[..., :vocab_size], labels)
+    mask = y.ne(IGNORE_INDEX)
+    teacher_top1 = targets.ids[:, :-1, 0].reshape(-1)
+    matches = (s.argmax(-1).eq(teacher_top1) & mask).sum()
+    return matches, mask.sum()

@@ -46,7 +46,23 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:
         # Padding positions are masked out of every loss, so any id will do; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
+    if gguf_file:
+        tokenizer.gguf_placeholder_ids = gguf_placeholder_ids(str(Path(where) / gguf_file), len(tokenizer))
     return tokenizer
+
+
+def gguf_placeholder_ids(path: str, size: int) -> frozenset[int]:
+    """Ids of a tokenizer rebuilt from a GGUF file that name no token of the model. llama.cpp's
+    convert_hf_to_gguf pads the token list to the embedding height with "[PAD{id}]" entries typed
+    UNUSED, and transformers' byte-level builder appends GPT-2's "<|endoftext|>" past the file's list
+    when the file has none. Both would otherwise make a GGUF teacher's vocabulary differ from the
+    student's it was converted alongside."""
+    from gguf import GGUFReader, TokenType
+
+    fields = GGUFReader(path).fields
+    count = len(fields["tokenizer.ggml.tokens"].data)
+    types = fields["tokenizer.ggml.token_type"].contents() if "tokenizer.ggml.token_type" in fields else []
+    return frozenset(i for i, kind in enumerate(types) if kind == TokenType.UNUSED) | frozenset(range(count, size))
 
 
 def torch_dtype(name: str):
@@ -69,8 +85,9 @@ def load_model(name_or_path: str, dtype: str = "float32", attn_implementation: s
 
 def check_same_tokenizer(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> None:
     """Logit distillation compares distributions id by id, so both sides must mean the same thing by
-    every id. Embedding padding (a wider teacher head) is fine; a different vocabulary is not."""
-    vs, vt = student.get_vocab(), teacher.get_vocab()
+    every id. Embedding padding (a wider teacher head, or a GGUF's placeholder tokens for it) is fine;
+    a different vocabulary is not."""
+    vs, vt = _real_vocab(student), _real_vocab(teacher)
     if vs == vt:
         return
     differing = sorted(set(vs.items()) ^ set(vt.items()), key=lambda kv: kv[1])[:5]
@@ -79,6 +96,11 @@ def check_same_tokenizer(student: PreTrainedTokenizerBase, teacher: PreTrainedTo
         f"{differing}). Logit distillation needs one tokenizer: pick models of the same family, or "
         "distill from teacher generations instead (sequence-level KD)."
     )
+
+
+def _real_vocab(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    skip = getattr(tokenizer, "gguf_placeholder_ids", frozenset())
+    return {token: i for token, i in tokenizer.get_vocab().items() if i not in skip}
 
 
 def vocab_sizes_fit(tokenizer: PreTrainedTokenizerBase, *models) -> None:

@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
 
 import yaml
 from transformers import HfArgumentParser
+
+
+# YAML 1.1 reads `1e-4` (no dot) as a string; every ML config means the number.
+_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _yaml_value(value):
+    return float(value) if isinstance(value, str) and _SCIENTIFIC.match(value) else value
 
 
 def parse_overrides(tokens: list[str]) -> dict:
@@ -29,7 +38,7 @@ def parse_overrides(tokens: list[str]) -> dict:
             if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
                 raise ValueError(f"override --{key} has no value; write --{key} VALUE")
             value, i = tokens[i + 1], i + 1
-        out[key.replace("-", "_")] = yaml.safe_load(value)
+        out[key.replace("-", "_")] = _yaml_value(yaml.safe_load(value))
         i += 1
     return out
 
@@ -44,12 +53,13 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> dict:
         raise ValueError(f"{path} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ValueError(f"{path} must be a mapping of key: value lines, got {type(data).__name__}")
+    data = {k: _yaml_value(v) for k, v in data.items()}
     data.update(parse_overrides(overrides or []))
     return data
 
 
 def _coerce(value, hint):
-    """YAML reads `1e-4` as a string (YAML 1.1 wants `1.0e-4`); give numeric fields numbers."""
+    """Give numeric fields numbers when a recipe wrote them as strings ("3", "0.5")."""
     if not isinstance(value, str):
         return value
     args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)

@@ -13,10 +13,12 @@ from pathlib import Path
 import yaml
 from transformers.trainer_utils import get_last_checkpoint
 
+from distill import adapters
 from distill.config import DataArguments, DistillConfig, ModelArguments
 from distill.data import Collator, build_datasets
 from distill.models import check_same_tokenizer, load_model, load_tokenizer, resolve, vocab_sizes_fit
 from distill.recipe import load_recipe, parse
+from distill.teacher_cache import TargetsCollator, TeacherCache, run_identity
 from distill.trainer import DistillTrainer
 
 ARGUMENTS = (ModelArguments, DataArguments, DistillConfig)
@@ -51,19 +53,43 @@ def save_run_files(output_dir: str, recipe: dict, metrics: dict) -> None:
 def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     recipe = load_recipe(recipe_path, overrides)
     model_args, data_args, config = parse(recipe, ARGUMENTS)
+    adapters.check(model_args, config)
     resolve(model_args.model_name_or_path)
-    resolve(config.teacher_model_name_or_path)
+    # With a teacher cache no teacher is loaded, or even needs to exist on this machine.
+    cache = TeacherCache(config.teacher_cache) if config.teacher_cache else None
+    if cache is None:
+        resolve(config.teacher_model_name_or_path)
     resume = resume_checkpoint(config)
 
     tokenizer = load_tokenizer(model_args.model_name_or_path)
-    check_same_tokenizer(tokenizer, load_tokenizer(config.teacher_model_name_or_path))
+    if cache is None:
+        check_same_tokenizer(tokenizer, load_tokenizer(config.teacher_model_name_or_path))
     with config.main_process_first(desc="tokenizing"):
         train_data, eval_data = build_datasets(data_args, tokenizer, seed=config.seed)
+    if cache is not None:
+        cache.check(
+            run_identity(config, data_args, tokenizer, train_data, eval_data), config.teacher_model_name_or_path
+        )
 
-    student = load_model(model_args.model_name_or_path, model_args.dtype, model_args.attn_implementation)
-    teacher = load_model(config.teacher_model_name_or_path, teacher_dtype(config), model_args.attn_implementation)
-    vocab_sizes_fit(tokenizer, student, teacher)
+    student = adapters.load_student(model_args, config)  # with LoRA adapters when use_peft is set
+    if config.process_index == 0:
+        print(adapters.trainable_parameters(student), flush=True)
+    collator = Collator(tokenizer.pad_token_id)
+    if cache is None:
+        teacher = load_model(config.teacher_model_name_or_path, teacher_dtype(config), model_args.attn_implementation)
+        vocab_sizes_fit(tokenizer, student, teacher)
+    else:
+        teacher = None
+        vocab_sizes_fit(tokenizer, student)
+        cache.check_student(student)
+        train_data, eval_data = cache.attach("train", train_data), cache.attach("eval", eval_data)
+        collator = TargetsCollator(collator, cache.k)
 
+    # The "before" evaluation runs inside train(), once the engine has prepared the student. Called
+    # before train(), evaluate() prepares the student for evaluation only: accelerate then never
+    # wraps it in DDP (each process would silently train on its own gradients) and FSDP2 refuses a
+    # model without its optimizer.
+    config.eval_on_start = eval_data is not None and not resume
     trainer = DistillTrainer(
         model=student,
         teacher=teacher,
@@ -71,18 +97,25 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         train_dataset=train_data,
         eval_dataset=eval_data,
         processing_class=tokenizer,
-        data_collator=Collator(tokenizer.pad_token_id),
+        data_collator=collator,
     )
-    before = trainer.evaluate(metric_key_prefix="eval_before") if eval_data is not None and not resume else {}
     train_metrics = trainer.train(resume_from_checkpoint=resume).metrics
+    before = evaluation_at_start(trainer.state.log_history) if config.eval_on_start else {}
     after = trainer.evaluate() if eval_data is not None else {}
-    trainer.save_model(config.output_dir)  # student weights + tokenizer, loadable with from_pretrained
+    # Student weights (or with use_peft only the adapter, in PEFT's format) + tokenizer.
+    trainer.save_model(config.output_dir)
 
     metrics = {"train": train_metrics, "eval_before": before, "eval": after, "global_step": trainer.state.global_step}
     if trainer.is_world_process_zero():
         save_run_files(config.output_dir, recipe, metrics)
         print(summary(trainer, metrics, config.output_dir))
     return metrics
+
+
+def evaluation_at_start(history: list[dict]) -> dict:
+    """The step-0 evaluation (eval_on_start) from the log history, keys renamed eval_* -> eval_before_*."""
+    logged = next(h for h in history if h.get("step") == 0 and any(k.startswith("eval_") for k in h))
+    return {k.replace("eval_", "eval_before_", 1): v for k, v in logged.items() if k.startswith("eval_")}
 
 
 def _last(history: list[dict], key: str):
@@ -103,10 +136,12 @@ def summary(trainer, metrics: dict, output_dir: str) -> str:
     ]
     if metrics["eval"]:
         before = metrics["eval_before"].get("eval_before_agreement")
-        lines.append(f"  agreement with teacher (held out)  before {fmt(before)}  after {fmt(metrics['eval']['eval_agreement'])}")
+        lines.append(
+            f"  agreement with teacher (held out)  before {fmt(before)}  after {fmt(metrics['eval']['eval_agreement'])}"
+        )
         lines.append(
             f"  held-out KL to teacher            before {fmt(metrics['eval_before'].get('eval_before_kd_loss'))}"
             f"  after {fmt(metrics['eval']['eval_kd_loss'])}"
         )
-    lines.append(f"  student saved to {output_dir}")
+    lines.append(f"  {adapters.saved_to(trainer.model, output_dir, 'student')}")
     return "\n".join(lines)

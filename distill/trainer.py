@@ -14,9 +14,25 @@ import copy
 import torch
 from transformers import Trainer
 
+from distill.chunked import (
+    chunked_distillation_loss,
+    chunked_top1_agreement,
+    chunked_topk_distillation_loss,
+    final_hidden_states,
+    output_weight,
+    supports_chunked_loss,
+)
 from distill.config import DistillConfig
 from distill.cost import CostCallback
-from distill.losses import distillation_loss, top1_agreement
+from distill.losses import (
+    IGNORE_INDEX,
+    TopKTargets,
+    distillation_loss,
+    top1_agreement,
+    topk_distillation_loss,
+    topk_top1_agreement,
+)
+from distill.placement import describe, parameter_bytes, place_teacher, sharding
 
 
 class DistillTrainer(Trainer):
@@ -32,7 +48,21 @@ class DistillTrainer(Trainer):
         # shifts labels like a causal LM, so count labels[:, 1:].
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
-        self.teacher = self._prepare_teacher(teacher)
+        # teacher=None: the teacher's top-k targets come with each batch, from args.teacher_cache.
+        self.teacher = self._prepare_teacher(teacher) if teacher is not None else None
+        self._targets_vocab = None
+        if self.teacher is None:
+            from distill.teacher_cache import TeacherCache
+
+            self._targets_vocab = TeacherCache(self.args.teacher_cache).vocab_size
+        # The chunked loss reads the output layers' weights whole, outside their forward; the
+        # sharding engines only gather them inside it.
+        self._chunked = (
+            self.args.chunked_loss
+            and sharding(self.accelerator) is None
+            and supports_chunked_loss(self.model)
+            and (self.teacher is None or supports_chunked_loss(self.teacher))
+        )
         self._train_sums = torch.zeros(2)  # kd, ce since the last log, each already a step mean
         self._eval_sums = torch.zeros(4)  # kd*tokens, ce*tokens, agreeing tokens, tokens
         self._last_logged_step = 0
@@ -41,9 +71,13 @@ class DistillTrainer(Trainer):
             self.add_callback(CostCallback(self.args.peak_tflops, self.args.gpu_hour_price))
 
     def _prepare_teacher(self, teacher: torch.nn.Module) -> torch.nn.Module:
-        teacher.eval()
-        teacher.requires_grad_(False)
-        return teacher.to(self.args.device)
+        teacher = place_teacher(teacher, self.model, self.accelerator)
+        held, full = parameter_bytes(teacher)
+        # Shards can differ by a little; the process holding the most is the one that may not fit.
+        held = int(self.accelerator.gather(torch.tensor([held], device=self.args.device)).max())
+        if self.is_world_process_zero():
+            print(describe(teacher, self.accelerator, held, full), flush=True)
+        return teacher
 
     @torch.no_grad()
     def teacher_logits(self, inputs: dict) -> torch.Tensor:
@@ -51,45 +85,97 @@ class DistillTrainer(Trainer):
         with self._measure("teacher", inputs) if self.model.training else contextlib.nullcontext():
             return self.teacher(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
 
+    @torch.no_grad()
+    def teacher_hidden(self, inputs: dict) -> torch.Tensor:
+        """The teacher's final hidden states, for the chunked loss (its logits are never made)."""
+        with self._measure("teacher", inputs) if self.model.training else contextlib.nullcontext():
+            with final_hidden_states(self.teacher) as captured:
+                self.teacher(
+                    input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), logits_to_keep=1
+                )
+            return captured["hidden"]
+
     @property
     def cost(self) -> CostCallback | None:
         # Looked up, not kept: restore_callback_states_from_checkpoint replaces the callback object.
         return next((cb for cb in self.callback_handler.callbacks if isinstance(cb, CostCallback)), None)
 
-    def _measure(self, role: str, inputs: dict):
+    def _measure(self, role: str, inputs: dict, *extra):
         cost = self.cost
-        return cost.meter.measure(role, inputs) if cost else contextlib.nullcontext()
+        return cost.meter.measure(role, inputs, *extra) if cost else contextlib.nullcontext()
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        with self._measure("student", inputs):  # forward + backward; the teacher inside counts apart
+        # The chunked loss computes the output layers on target rows only: their number sets its FLOPs.
+        extra = (int(inputs["labels"][:, 1:].ne(IGNORE_INDEX).sum()),) if self._chunked and self.cost else ()
+        with self._measure("student", inputs, *extra):  # forward + backward; the teacher inside counts apart
             return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs["labels"]
-        # Without labels the model computes no loss of its own: we would throw it away.
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
-        teacher_logits = self.teacher_logits(inputs)
-        out = distillation_loss(
-            outputs.logits,
-            teacher_logits,
-            labels,
-            alpha=self.args.alpha,
-            temperature=self.args.temperature,
-            loss_type=self.args.loss_type,
-            beta=self.args.beta,
-            num_items_in_batch=num_items_in_batch,
-        )
+        out, outputs, agreement = self._distill(model, inputs, num_items_in_batch)
         loss = out.loss
         if model.training:
             self._train_sums += torch.stack([out.kd, out.ce]).cpu()
         else:
-            matches, tokens = top1_agreement(outputs.logits, teacher_logits, labels)
+            matches, tokens = agreement
             self._eval_sums += torch.stack([out.kd * tokens, out.ce * tokens, matches, tokens]).float().cpu()
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counted every process's tokens and DDP averages gradients over
             # processes, so undo that average to get the global token mean.
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    def _distill(self, model, inputs, num_items_in_batch):
+        """(DistillationLoss, student outputs, (matches, tokens) at evaluation else None).
+
+        Four paths, one loss: teacher model or cached top-k targets, each through the reference
+        losses (full logits) or the chunked ones (hidden states; the outputs then hold the logits of
+        the last position only).
+        """
+        labels = inputs["labels"]
+        kw = {
+            "alpha": self.args.alpha,
+            "temperature": self.args.temperature,
+            "loss_type": self.args.loss_type,
+            "beta": self.args.beta,
+            "num_items_in_batch": num_items_in_batch,
+        }
+        # Without labels the model computes no loss of its own: we would throw it away.
+        model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
+        evaluating = not model.training
+        targets = None
+        if self.teacher is None:
+            targets = TopKTargets(inputs["teacher_logprobs"], inputs["teacher_ids"], inputs["teacher_tail"])
+        if self._chunked:
+            unwrapped = self.accelerator.unwrap_model(model)
+            with final_hidden_states(unwrapped) as student:
+                outputs = model(**model_inputs, logits_to_keep=1)
+            hidden, weight = student["hidden"], output_weight(unwrapped)
+            if targets is not None:
+                teacher = targets
+                out = chunked_topk_distillation_loss(
+                    hidden, weight, targets, labels, vocab_size=self._targets_vocab, **kw
+                )
+            else:
+                teacher = (self.teacher_hidden(inputs), output_weight(self.teacher))
+                out = chunked_distillation_loss(hidden, weight, *teacher, labels, **kw)
+                if not evaluating and self.cost:
+                    # The teacher's output layer ran inside the loss, in the student's block: one
+                    # (targets x hidden) @ (hidden x shared vocab) matmul that is the teacher's work.
+                    vocab = min(weight.shape[0], teacher[1].shape[0])
+                    self.cost.meter.move(2 * int(out.num_tokens) * teacher[1].shape[1] * vocab, "student", "teacher")
+            if evaluating:
+                return out, outputs, chunked_top1_agreement(hidden, weight, teacher, labels, self._targets_vocab)
+            return out, outputs, None
+        outputs = model(**model_inputs)
+        if targets is not None:
+            out = topk_distillation_loss(outputs.logits, targets, labels, vocab_size=self._targets_vocab, **kw)
+            agreement = (
+                topk_top1_agreement(outputs.logits, targets, labels, self._targets_vocab) if evaluating else None
+            )
+            return out, outputs, agreement
+        teacher_logits = self.teacher_logits(inputs)
+        out = distillation_loss(outputs.logits, teacher_logits, labels, **kw)
+        return out, outputs, top1_agreement(outputs.logits, teacher_logits, labels) if evaluating else None
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)

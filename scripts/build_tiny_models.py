@@ -1,11 +1,12 @@
 """Build tiny_models/: a generated toy-world corpus, one shared BPE tokenizer, a trained teacher and an
 untrained student, small enough for CPU tests and the default recipe.
 
-    python scripts/build_tiny_models.py          # rewrites tiny_models/ (about 1-3 minutes on 2 cores)
+    python scripts/build_tiny_models.py      # rewrites tiny_models/ (single-threaded, 1.5-3 minutes)
 
-Everything is seeded: on the same machine and library versions a rebuild reproduces every file byte for
-byte (the corpus and tokenizer are pure Python/Rust and reproduce anywhere; float reductions in the
-teacher's training may round differently on other CPUs, which changes weights in the last bits only).
+Everything is seeded and the build runs on one thread: with the same library versions a rebuild
+reproduces every file byte for byte. The data and tokenizer reproduce anywhere; another CPU or torch
+version may round the teacher's training differently, so its weights can differ slightly there, which
+is why tests/test_tiny_models.py checks margins rather than exact numbers.
 
 The corpus describes a fictional world (countries with capitals, flag colours, animals, exports, rivers
 and rulers) plus arithmetic, counting and short stories consistent with those facts. The facts are the
@@ -401,7 +402,7 @@ def mean_loss(model, blocks: torch.Tensor, batch: int = 32) -> float:
     return total / len(blocks)
 
 
-def train_teacher(model, train_blocks, eval_blocks, steps=500, batch=16, lr=3e-3, warmup=30):
+def train_teacher(model, train_blocks, eval_blocks, steps=300, batch=16, lr=3e-3, warmup=30):
     gen = torch.Generator().manual_seed(SEED)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -435,7 +436,9 @@ def main() -> None:
     t0 = time.time()
     torch.manual_seed(SEED)
     torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(2)  # fixed so float reductions, and hence the weights, repeat run to run
+    # One thread: float reductions (hence the weights) then repeat on any machine, and on a busy CPU one
+    # thread is several times faster than two spinning OpenMP threads.
+    torch.set_num_threads(1)
     rng = random.Random(SEED)
 
     if ROOT.exists():
@@ -502,12 +505,11 @@ def main() -> None:
         "teacher greedy fact recall (cloze prompts, out of 20 countries): "
         + ", ".join(f"{k} {v}/{len(world)}" for k, v in recall.items()),
         *[f"teacher greedy: {p!r} -> {c!r}" for p, c in completions],
-        f"teacher training: {t_train:.0f} s",
-    ]
+    ]  # no timings here: they would make README.md differ between otherwise identical builds
     (ROOT / "README.md").write_text(readme(lines))
     size = folder_size(ROOT)
     print("\n".join(lines))
-    print(f"tiny_models/: {size / 1e6:.2f} MB; build took {time.time() - t0:.0f} s")
+    print(f"tiny_models/: {size / 1e6:.2f} MB; teacher training {t_train:.0f} s, build {time.time() - t0:.0f} s")
 
 
 def readme(results: list[str]) -> str:
@@ -521,11 +523,14 @@ plus arithmetic, counting and short template stories. No third-party text is use
 
 ## Files
 
-- `data/corpus_train.jsonl`, `data/corpus_eval.jsonl` - `{{"text": ...}}`. Eval sentences never occur in
-  train (each fact has one phrasing held out; held-out sums and counting runs; unseen stories), but the
-  facts are shared, so a model that learned the facts predicts eval well.
+- `data/corpus_train.jsonl`, `data/corpus_eval.jsonl` - `{{"text": ...}}`. No eval row occurs in train:
+  eval fact paragraphs use only the one phrasing of each fact that train never uses, plus held-out sums
+  and counting runs and stories with new combinations. The facts are shared, so a model that learned
+  them predicts eval well.
 - `data/domain_train.jsonl`, `data/domain_eval.jsonl` - `{{"prompt": "Q: ...?\\nA:", "completion": " ..."}}`
   about the same facts in a question style the corpus never uses (eval: held-out question phrasings).
+  Completions start with a space, so prompt/completion is a token boundary: ids(prompt + completion)
+  == ids(prompt) + ids(completion, add_special_tokens=False).
 - `data/chat_train.jsonl` - `{{"messages": [...]}}`, 100 rows; every third is multi-turn, every tenth
   starts with a system message.
 - `data/prompts.jsonl` - `{{"prompt": ...}}` for generation.
@@ -543,7 +548,7 @@ does not persist `add_bos_token`, so `tok.add_bos_token` reads False even though
 `tok("x").input_ids[0] == tok.bos_token_id` instead. Padding side: right (set left for batched generation).
 Chat template:
 
-    <s><|user|>\\n{{content}}</s>\\n<|assistant|>\\n{{content}}</s>\\n
+    <s>[<|system|>\\n{{content}}</s>\\n]<|user|>\\n{{content}}</s>\\n<|assistant|>\\n{{content}}</s>\\n...
 
 It writes bos itself (`apply_chat_template` tokenizes with add_special_tokens=False, so a chat holds
 exactly one bos); `add_generation_prompt=True` appends `<|assistant|>\\n`. The rendering of
@@ -558,8 +563,9 @@ student vocab = tokenizer length exactly, so the two logit widths differ. Both: 
 512, dtype float32, bos/eos/pad ids as above. The student ties its input and output embeddings, as
 small real students do.
 
-Determinism: seeded throughout; a rebuild on the same machine and library versions reproduces every
-file byte for byte.
+Determinism: seeded throughout and single-threaded; a rebuild with the same library versions
+reproduces every file, this README included, byte for byte (checked: two builds, identical sha256 of
+every file). Another CPU or torch version may round the teacher's training differently.
 
 ## Build results
 

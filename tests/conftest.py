@@ -10,3 +10,9 @@ STUDENT = str(TINY / "student")
 DATA = TINY / "data"
 
 sys.path.insert(0, str(Path(__file__).parent))  # lets tests import these names: `from conftest import ...`
+
+import torch  # noqa: E402
+
+# The tests run tiny models, where thread hand-offs cost more than they save, and CI's 2 cores are
+# shared with the odd subprocess test: one thread is faster and keeps results reproducible.
+torch.set_num_threads(1)

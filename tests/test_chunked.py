@@ -181,8 +181,8 @@ def test_autocast_runs_the_output_layer_in_the_autocast_dtype():
 def tiny_llama(**config):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    size = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
-    return LlamaForCausalLM(LlamaConfig(vocab_size=64, num_key_value_heads=2, **size, **config))
+    base = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
+    return LlamaForCausalLM(LlamaConfig(**base | {"num_attention_heads": 2, "num_key_value_heads": 2} | config))
 
 
 def test_supports_chunked_loss_plain_llama_and_lora_elsewhere():
@@ -214,3 +214,99 @@ def test_llama_logits_are_hidden_states_times_head():
         logits = model(ids).logits
         hidden = model.get_decoder()(ids).last_hidden_state
     torch.testing.assert_close(hidden @ model.get_output_embeddings().weight.T, logits)
+
+
+# --- the chunked path inside DistillTrainer -------------------------------------------------------
+
+
+def trainer_pair(tmp_path, student, teacher, chunked, **config):
+    """A DistillTrainer on copies of the given models, asked for (and checked to be on) the chunked
+    or the reference path; ``config`` may ask for one and expect the other."""
+    import copy
+
+    from distill.config import DistillConfig
+    from distill.data import Collator
+    from distill.trainer import DistillTrainer
+
+    args = DistillConfig(
+        output_dir=str(tmp_path / f"chunked_{chunked}"), teacher_model_name_or_path="in-memory", use_cpu=True,
+        report_to="none", measure_cost=False, **({"chunked_loss": chunked} | config),
+    )  # fmt: skip
+    model = copy.deepcopy(student)
+    trainer = DistillTrainer(model=model, teacher=copy.deepcopy(teacher), args=args, data_collator=Collator(0))
+    assert trainer._chunked is chunked
+    return trainer, model
+
+
+def trainer_batch():
+    """Uneven lengths (right padding) and a masked prompt, through distill's own collator."""
+    from distill.data import Collator
+
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for n, prompt in ((13, 4), (9, 0), (16, 6)):
+        ids = torch.randint(1, 64, (n,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return Collator(0)(rows)
+
+
+def step_results(trainer, model, batch):
+    """Training loss and every trainable parameter's gradient, then the evaluation sums."""
+    inputs = trainer._prepare_inputs(batch)
+    model.train()
+    loss = trainer.compute_loss(model, inputs, num_items_in_batch=torch.tensor(40))
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    model.eval()
+    with torch.no_grad():
+        trainer.compute_loss(model, inputs)
+    return loss.detach(), grads, trainer._eval_sums.clone()
+
+
+@pytest.mark.parametrize("loss_type", ["forward_kl", "jsd"])
+def test_chunked_trainer_equals_reference_trainer(tmp_path, loss_type):
+    """Same loss, logged parts, gradients of every student parameter, and evaluation metrics
+    (KD, CE, top-1 agreement), for a tied-embedding student and a teacher with a padded vocabulary."""
+    torch.manual_seed(0)
+    student = tiny_llama(tie_word_embeddings=True)
+    teacher = tiny_llama(vocab_size=72, hidden_size=24, num_attention_heads=3, num_key_value_heads=3)
+    batch = trainer_batch()
+    cfg = {"alpha": 0.4, "temperature": 2.0, "loss_type": loss_type}
+    ref = step_results(*trainer_pair(tmp_path, student, teacher, False, **cfg), batch)
+    got = step_results(*trainer_pair(tmp_path, student, teacher, True, **cfg), batch)
+    assert_close(got[0], ref[0], 1e-5)
+    assert ref[1].keys() == got[1].keys()
+    for name in ref[1]:
+        assert_close(got[1][name], ref[1][name], 1e-5)
+    assert_close(got[2], ref[2], 1e-5)  # kd*tokens, ce*tokens, agreeing tokens, tokens
+
+
+def test_chunked_trainer_with_lora_student_computes_no_head_gradient(tmp_path):
+    """A LoRA student keeps the chunked path; its frozen lm_head gets no gradient, the adapters get
+    the reference path's."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    student = get_peft_model(
+        tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    teacher = tiny_llama(hidden_size=24, num_attention_heads=3, num_key_value_heads=3)
+    batch = trainer_batch()
+    ref = step_results(*trainer_pair(tmp_path, student, teacher, False), batch)
+    trainer, model = trainer_pair(tmp_path, student, teacher, True)
+    got = step_results(trainer, model, batch)
+    assert model.get_base_model().lm_head.weight.grad is None
+    assert_close(got[0], ref[0], 1e-5)
+    for name in ref[1]:
+        assert_close(got[1][name], ref[1][name], 1e-5)
+
+
+def test_trainer_falls_back_where_the_model_does_not_allow_chunking(tmp_path):
+    """chunked_loss=True is a default, not a demand: a softcapped teacher takes the reference path."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    teacher = Gemma2ForCausalLM(
+        Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=1, head_dim=8, final_logit_softcapping=30.0)
+    )  # fmt: skip
+    trainer_pair(tmp_path, tiny_llama(), teacher, False, chunked_loss=True)

@@ -57,6 +57,14 @@ def test_one_matmul_counts_2mnk():
     assert count(lambda: a @ b)[0] == 2 * m * n * k
 
 
+def test_in_place_matmuls_count_like_their_out_of_place_forms():
+    """addmm_ (how distill.chunked accumulates the output layer's gradient) is its own op in torch."""
+    acc, a, b = torch.zeros(5, 7), torch.randn(5, 3), torch.randn(3, 7)
+    assert count(lambda: acc.addmm_(a, b))[0] == count(lambda: torch.addmm(acc, a, b))[0] == 2 * 5 * 7 * 3
+    acc, a, b = torch.zeros(2, 5, 7), torch.randn(2, 5, 3), torch.randn(2, 3, 7)
+    assert count(lambda: acc.baddbmm_(a, b))[0] == count(lambda: torch.baddbmm(acc, a, b))[0] == 2 * 2 * 5 * 7 * 3
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_fused_cpu_attention_counts_like_its_two_matmuls(kv_heads):
     """SDPA on CPU runs a fused kernel with no FLOP formula in torch; ours counts QK^T and PV,

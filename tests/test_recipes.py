@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distill import train
+from distill import finetune, generate, train
 from distill.recipe import parse
 
 from conftest import ROOT
@@ -16,6 +16,9 @@ from conftest import ROOT
 JOBS = {
     "distill train": train.ARGUMENTS,
     "scripts/distill.py": train.ARGUMENTS,
+    "distill generate": generate.ARGUMENTS,
+    "distill finetune": finetune.ARGUMENTS,
+    "scripts/finetune.py": finetune.ARGUMENTS,
 }
 
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)

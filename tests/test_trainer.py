@@ -115,10 +115,12 @@ def test_evaluation_reports_kd_ce_and_agreement(trained):
 
 
 def test_a_distilled_student_agrees_with_its_teacher_more_than_one_trained_on_labels(tmp_path, corpus, tokenizer):
-    """The property that justifies the product: same steps, data and seed; only alpha differs."""
+    """The property that justifies the product: same steps, data and seed; only alpha differs.
+    (At 100 steps the margins here were 0.60 vs 0.55 agreement and 1.49 vs 1.60 KL.)"""
     results = {}
     for alpha in (0.0, 0.9):
-        trainer = make_trainer(config(tmp_path / f"a{alpha}", alpha=alpha, max_steps=60), corpus, tokenizer)
+        args = config(tmp_path / f"a{alpha}", alpha=alpha, temperature=1.0, max_steps=100, measure_cost=False)
+        trainer = make_trainer(args, corpus, tokenizer)
         trainer.train()
         results[alpha] = trainer.evaluate()
     assert results[0.9]["eval_agreement"] > results[0.0]["eval_agreement"]

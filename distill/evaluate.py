@@ -1,0 +1,548 @@
+"""The `distill eval` job: teacher and student side by side, quality next to cost, on held-out data.
+
+Per model, over the target tokens of the data (labels != -100, the tokens training is scored on):
+
+- perplexity = exp(mean cross-entropy), each model over its own full output layer;
+- for the student, top-1 agreement with the teacher (how often the two argmaxes match) and the mean
+  KL(teacher || student) in nats per token, at temperature 1 over the ids the two heads share, as in
+  `distill.losses`;
+- measured forward throughput (real tokens per second of the eval batches, padding not counted);
+- FLOPs per generated token, measured by the cost meter (`distill.flops`) on one forward pass of
+  ``max_length`` tokens divided by ``max_length``: 2N + 4 L s d, the cost of a token that attends to
+  a context of s = max_length positions;
+- $ per 1M generated tokens = FLOPs for 1M tokens / (peak FLOP/s x MFU) in hours x $ per GPU-hour,
+  the same model as `distill cost`, so the two agree.
+
+With the training run's output dir, the report adds the loss curves (the Trainer's log history) and
+the training cost (its cost_report.json), and says after how many served tokens the student has paid
+for its training. Writes eval_report.json, eval_report.md, loss_curves.png and quality_vs_cost.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from distill import cost
+from distill.config import DTYPES
+from distill.data import Collator, load_rows, tokenize
+from distill.flops import FlopMeter
+from distill.generate import complete, prompts_from_rows, read_prompts, render
+from distill.losses import IGNORE_INDEX, shared_vocab, shift_for_causal_lm, token_divergence, top1_agreement
+from distill.models import check_same_tokenizer, load_model, load_tokenizer, resolve, vocab_sizes_fit
+
+ROLES = ("teacher", "student")
+
+
+def adapter_base(name_or_path: str) -> str | None:
+    """The base model of a LoRA adapter folder (what `distill finetune` saves with use_peft), else None."""
+    path = Path(name_or_path)
+    if not (path / "adapter_config.json").is_file() or (path / "config.json").is_file():
+        return None
+    from peft import PeftConfig
+
+    base = PeftConfig.from_pretrained(name_or_path).base_model_name_or_path
+    try:
+        resolve(base)
+    except ValueError as err:
+        raise ValueError(f"the base model of adapter {name_or_path}: {err}; merge it first (distill merge)") from err
+    return base
+
+
+def load_eval_model(name_or_path: str, dtype: str):
+    """A model for inference. An adapter is loaded onto its base and merged in memory, so that it runs
+    (and is timed and counted) as the plain model `distill merge` would make of it."""
+    placement = {"device_map": "auto"} if torch.cuda.is_available() else {}
+    base = adapter_base(name_or_path)
+    if base is None:
+        model = load_model(name_or_path, dtype, **placement)
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load_model(base, dtype, **placement), name_or_path).merge_and_unload()
+    return model.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measurements
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def score(teacher, student, batches, total: int | None = None) -> dict:
+    """Sums over the target tokens of ``batches``: per-model NLL and forward seconds, student/teacher
+    KL and top-1 matches, target tokens and real (unpadded) tokens."""
+    sums = {"nll_teacher": 0.0, "nll_student": 0.0, "kl": 0.0, "matches": 0, "targets": 0, "tokens": 0}
+    seconds = dict.fromkeys(ROLES, 0.0)
+    for batch in tqdm(batches, total=total, desc="eval", unit="batch"):
+        logits = {}
+        for role, model in zip(ROLES, (teacher, student)):
+            ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+            _sync(model.device)
+            start = time.perf_counter()
+            logits[role] = model(input_ids=ids, attention_mask=mask).logits
+            _sync(model.device)
+            seconds[role] += time.perf_counter() - start
+        device = logits["student"].device
+        t_logits, s_logits = logits["teacher"].to(device), logits["student"]
+        labels = batch["labels"].to(device)
+        for role, lg in (("teacher", t_logits), ("student", s_logits)):
+            flat, y = shift_for_causal_lm(lg, labels)
+            sums[f"nll_{role}"] += F.cross_entropy(flat.float(), y, ignore_index=IGNORE_INDEX, reduction="sum").item()
+        s_shared, t_shared = shared_vocab(s_logits, t_logits)
+        s_flat, y = shift_for_causal_lm(s_shared, labels)
+        t_flat, _ = shift_for_causal_lm(t_shared, labels)
+        target = y.ne(IGNORE_INDEX)
+        sums["kl"] += token_divergence(s_flat[target], t_flat[target], "forward_kl").sum().item()
+        matches, targets = top1_agreement(s_logits, t_logits, labels)
+        sums["matches"] += int(matches)
+        sums["targets"] += int(targets)
+        sums["tokens"] += int(batch["attention_mask"].sum())
+    return sums | {f"seconds_{role}": s for role, s in seconds.items()}
+
+
+@torch.no_grad()
+def forward_flops_per_token(model, seq_len: int) -> float:
+    """Measured FLOPs of one forward pass over ``seq_len`` tokens, per token: what a generated token
+    costs when it attends to a context of ``seq_len`` positions (the cost meter's convention)."""
+    ids = torch.zeros((1, seq_len), dtype=torch.long, device=model.device)
+    meter = FlopMeter()
+    with meter.measure("forward", {"input_ids": ids}):
+        model(input_ids=ids)
+    return meter.flops["forward"] / seq_len
+
+
+def parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())  # a tied embedding counts once
+
+
+def usd_per_million(flops_per_token: float, peak_tflops: float, mfu: float, price: float | None) -> float | None:
+    return None if price is None else cost.gpu_hours(1e6 * flops_per_token, peak_tflops, mfu) * price
+
+
+def eval_prompts(prompt_file: str | None, rows, data: str, n: int) -> list:
+    """Prompts for the side-by-side generations: the prompt file's, else the data's own (its `prompt`
+    column, a conversation without its last answer, or the first eight words of a text)."""
+    if prompt_file:
+        return [p["prompt"] for p in read_prompts(prompt_file, n)]
+    prompts = [p["prompt"] for p in prompts_from_rows(rows, data, n)]
+    if not {"prompt", "messages"} & set(rows.column_names):
+        prompts = [" ".join(p.split()[:8]) for p in prompts]
+    return prompts
+
+
+# ---------------------------------------------------------------------------------------------------
+# The training run
+
+
+def read_log_history(run_dir: str) -> list[dict]:
+    """The Trainer's log history of a run: its trainer_state.json, or that of its newest checkpoint.
+
+    `distill train` and `finetune` evaluate before and after training, outside the log that
+    checkpoints keep (`Trainer.train` starts a fresh one); both evaluations are in the run's
+    metrics.json, and are put back at step 0 and at the last step.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    path = Path(run_dir)
+    if path.is_file():
+        state = path
+    elif (path / "trainer_state.json").is_file():
+        state = path / "trainer_state.json"
+    elif path.is_dir() and (last := get_last_checkpoint(str(path))):
+        state = Path(last) / "trainer_state.json"
+    else:
+        raise ValueError(
+            f"--run-dir {run_dir}: no trainer_state.json in it or in a checkpoint-* folder; give the output_dir "
+            "of a distill train / finetune run (with save_steps, so it has checkpoints) or a trainer_state.json"
+        )
+    history = json.loads(state.read_text(encoding="utf-8")).get("log_history", [])
+    metrics = (path if path.is_dir() else path.parent) / "metrics.json"
+    if metrics.is_file():
+        m = json.loads(metrics.read_text(encoding="utf-8"))
+        for key, step in (("eval_before", 0), ("eval", m.get("global_step"))):
+            point = {
+                k.replace("eval_before_", "eval_", 1): v for k, v in (m.get(key) or {}).items() if k.startswith("eval_")
+            }
+            if point and step is not None and not any(h.get("step") == step and "eval_loss" in h for h in history):
+                history.append({"step": step, **point})
+    return sorted(history, key=lambda h: h.get("step", 0))
+
+
+def read_training_cost(run_dir: str) -> dict | None:
+    path = Path(run_dir)
+    path = path if path.is_dir() else path.parent
+    found = path / "cost_report.json"
+    return json.loads(found.read_text(encoding="utf-8")) if found.is_file() else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plots (matplotlib's object API: no pyplot, no global backend state, no display needed)
+
+CURVES = ("loss", "kd_loss", "ce_loss", "eval_loss", "eval_kd_loss", "eval_ce_loss")
+
+
+def plot_loss_curves(history: list[dict], path: Path) -> list[str]:
+    """Losses per step (training solid, held-out dashed) and, when logged, held-out agreement with the
+    teacher; returns the metrics drawn."""
+    from matplotlib.figure import Figure
+
+    series = {k: [(h["step"], h[k]) for h in history if k in h and "step" in h] for k in (*CURVES, "eval_agreement")}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return []
+    drawn = list(series)
+    agreement = series.pop("eval_agreement", None)
+    fig = Figure(figsize=(10 if agreement else 6, 4), layout="constrained")
+    axes = fig.subplots(1, 2 if agreement else 1, squeeze=False)[0]
+    for key, points in series.items():
+        steps, values = zip(*points)
+        held_out = key.startswith("eval_")
+        color = f"C{CURVES.index(key.removeprefix('eval_'))}"  # a loss and its held-out twin share a colour
+        axes[0].plot(steps, values, "--" if held_out else "-", color=color, label=key,
+                     marker="o" if held_out or len(points) < 3 else None, markersize=4)  # fmt: skip
+    axes[0].set(xlabel="step", ylabel="nats per target token", title="training and held-out losses")
+    axes[0].legend()
+    if agreement:
+        steps, values = zip(*agreement)
+        axes[1].plot(steps, values, marker="o", markersize=4, color="tab:green")
+        axes[1].set(
+            xlabel="step", ylabel="fraction of target tokens", title="held-out top-1 agreement with the teacher"
+        )
+        axes[1].set_ylim(0, 1)
+    fig.savefig(path, dpi=120)
+    return drawn
+
+
+def plot_quality_vs_cost(models: dict, compared: list[dict], path: Path, context: int) -> None:
+    """Held-out perplexity against FLOPs per generated token: the teacher, the student, and the students
+    of earlier reports, each with an arrow to this student (fine-tuning moves a student up or down,
+    never sideways: its cost per token stays)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
+
+    def label(name, m):
+        usd = m["usd_per_million_tokens"]
+        return f"{name} ({m['parameters'] / 1e6:.3g}M params" + (f", ${usd:.3g}/1M tok)" if usd is not None else ")")
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    here = (models["student"]["flops_per_token"], models["student"]["perplexity"])
+    for i, c in enumerate(compared):
+        xy = (c["flops_per_token"], c["perplexity"])
+        ax.scatter(*xy, s=50, marker="s", color=f"C{i + 2}", label=label(f"earlier: {c['label']}", c), zorder=3)
+        ax.annotate("", xy=here, xytext=xy, arrowprops={"arrowstyle": "->", "color": "0.5"})
+    for role, color in (("teacher", "C0"), ("student", "C1")):
+        m = models[role]
+        ax.scatter(m["flops_per_token"], m["perplexity"], s=70, color=color, label=label(f"{role}: {m['path']}", m),
+                   zorder=4)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(EngFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.margins(x=0.3, y=0.3)
+    ax.set(
+        xlabel=f"FLOPs per generated token (context {context})  \u2192 more expensive",
+        ylabel="held-out perplexity  \u2192 worse",
+        title="quality vs cost (lower left is better)",
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
+    fig.savefig(path, dpi=120)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The job
+
+
+def default_output_dir(run_dir: str | None, student: str) -> Path:
+    base = Path(run_dir or student)
+    return base / "eval" if base.is_dir() else Path("eval")
+
+
+def run(args) -> dict:
+    """`distill eval` for the parsed command line; returns the report written to eval_report.json."""
+    if args.max_length < 2:
+        raise ValueError(f"--max-length must be at least 2, got {args.max_length}")
+    if args.batch_size < 1 or args.num_prompts < 0 or args.max_new_tokens < 1:
+        raise ValueError("--batch-size and --max-new-tokens must be at least 1, --num-prompts at least 0")
+    if not 0 < args.mfu <= 1:
+        raise ValueError(f"--mfu is a fraction of the peak in (0, 1], got {args.mfu}")
+    if args.dtype not in DTYPES:
+        raise ValueError(f"--dtype {args.dtype!r} is not a dtype distill knows; use one of {', '.join(DTYPES)}")
+    accelerator, peak = (args.accelerator, args.peak_tflops) if args.peak_tflops else cost.peak_for(args.accelerator)
+    for name in (args.teacher, args.student):
+        resolve(adapter_base(name) or name)
+    history = read_log_history(args.run_dir) if args.run_dir else None
+    out = Path(args.output_dir) if args.output_dir else default_output_dir(args.run_dir, args.student)
+
+    tokenizer = load_tokenizer(adapter_base(args.student) or args.student)  # an adapter keeps its base's tokenizer
+    check_same_tokenizer(tokenizer, load_tokenizer(args.teacher))
+    rows = load_rows(args.data, split=args.split)
+    if args.max_samples is not None:
+        rows = rows.select(range(min(args.max_samples, len(rows))))
+    data = tokenize(rows, tokenizer, args.max_length, f"eval data {args.data}")
+    same_data = {"path": Path(args.data).name, "split": args.split, "rows": len(rows), "max_length": args.max_length}
+    compared = [_read_report(p, same_data) for p in args.compare]
+    prompts = eval_prompts(args.prompts, rows, args.data, args.num_prompts) if args.num_prompts else []
+
+    teacher, student = load_eval_model(args.teacher, args.dtype), load_eval_model(args.student, args.dtype)
+    vocab_sizes_fit(tokenizer, student, teacher)
+
+    collate = Collator(tokenizer.pad_token_id)
+    batches = (collate([data[j] for j in range(i, min(i + args.batch_size, len(data)))])
+               for i in range(0, len(data), args.batch_size))  # fmt: skip
+    sums = score(teacher, student, batches, total=math.ceil(len(data) / args.batch_size))
+
+    models = {}
+    for role, model, name in (("teacher", teacher, args.teacher), ("student", student, args.student)):
+        fpt = forward_flops_per_token(model, args.max_length)
+        mean_ce = sums[f"nll_{role}"] / sums["targets"]
+        models[role] = {
+            "path": name,
+            "parameters": parameters(model),
+            "mean_cross_entropy": mean_ce,
+            "perplexity": math.exp(mean_ce),
+            "tokens_per_second": sums["tokens"] / sums[f"seconds_{role}"],
+            "flops_per_token": fpt,
+            "usd_per_million_tokens": usd_per_million(fpt, peak, args.mfu, args.price_per_gpu_hour),
+        }
+    models["student"]["top1_agreement"] = sums["matches"] / sums["targets"]
+    models["student"]["kl_teacher_student"] = sums["kl"] / sums["targets"]
+
+    generations = []
+    if prompts:
+        chat = any(isinstance(p, list) for p in prompts)
+        texts = [render(p, chat, tokenizer) for p in prompts]
+        outs = {
+            role: complete(model, tokenizer, texts, max_new_tokens=args.max_new_tokens, chat=chat)
+            for role, model in (("teacher", teacher), ("student", student))
+        }
+        generations = [
+            {"prompt": p, "teacher": outs["teacher"][i][0], "student": outs["student"][i][0]}
+            for i, p in enumerate(prompts)
+        ]
+
+    t, s = models["teacher"], models["student"]
+    report = {
+        "teacher": t,
+        "student": s,
+        "student_over_teacher": {
+            "parameters": s["parameters"] / t["parameters"],
+            "flops_per_token": s["flops_per_token"] / t["flops_per_token"],
+            "perplexity": s["perplexity"] / t["perplexity"],
+            "tokens_per_second": s["tokens_per_second"] / t["tokens_per_second"],
+        },
+        "data": {**same_data, "path": args.data, "sequences": len(data),
+                 "target_tokens": sums["targets"], "tokens": sums["tokens"], "max_length": args.max_length},
+        "settings": {"device": str(student.device), "dtype": str(student.dtype).removeprefix("torch."), "batch_size": args.batch_size,
+                     "accelerator": accelerator, "peak_tflops": peak, "mfu": args.mfu,
+                     "price_per_gpu_hour": args.price_per_gpu_hour, "context": args.max_length},
+        "generations": generations,
+        "training": None,
+        "compared": [{"label": c["label"], **c["student"]} for c in compared],
+        "files": {},
+    }  # fmt: skip
+    if args.run_dir:
+        report["training"] = training_section(args.run_dir, history, t, s)
+
+    out.mkdir(parents=True, exist_ok=True)
+    if history and (drawn := plot_loss_curves(history, out / "loss_curves.png")):
+        report["files"]["loss_curves"] = "loss_curves.png"
+        report["training"]["plotted"] = drawn
+    plot_quality_vs_cost(models, report["compared"], out / "quality_vs_cost.png", args.max_length)
+    report["files"]["quality_vs_cost"] = "quality_vs_cost.png"
+    report["files"] |= {"json": "eval_report.json", "markdown": "eval_report.md"}
+
+    (out / "eval_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "eval_report.md").write_text(render_markdown(report), encoding="utf-8")
+    print(render_summary(report, out))
+    return report
+
+
+def _read_report(path: str, data: dict) -> dict:
+    """An earlier report's student, if it was measured on the same held-out data: points measured on
+    different data are not comparable."""
+    p = Path(path)
+    p = p / "eval_report.json" if p.is_dir() else p
+    if not p.is_file():
+        raise ValueError(f"--compare {path}: no eval_report.json there; give a report an earlier `distill eval` wrote")
+    report = json.loads(p.read_text(encoding="utf-8"))
+    theirs = {k: Path(v).name if k == "path" else v for k, v in report["data"].items() if k in data}
+    if theirs != data:
+        raise ValueError(
+            f"--compare {path} was measured on other data ({theirs}, here {data}); run both with the same "
+            "--data, --split, --max-samples and --max-length"
+        )
+    return {"label": report["student"]["path"], "student": report["student"]}
+
+
+def training_section(run_dir: str, history: list[dict], teacher: dict, student: dict) -> dict:
+    """The run's final logged numbers and, from its cost_report.json, what training cost and when the
+    student's cheaper tokens have paid for it."""
+
+    def last(key):
+        return next((h[key] for h in reversed(history) if key in h), None)
+
+    section = {"run_dir": run_dir, "steps": last("step"),
+               "final": {k: last(k) for k in (*CURVES, "eval_agreement") if last(k) is not None}}  # fmt: skip
+    spent = read_training_cost(run_dir)
+    if spent:
+        flops = spent["flops"]["total"]
+        saved = teacher["flops_per_token"] - student["flops_per_token"]
+        section["cost"] = {
+            "flops": flops,
+            "pflops_days": spent["pflops_days"]["total"],
+            "wall_seconds": spent["wall_seconds"],
+            "cost_usd": spent.get("cost_usd"),
+            "breakeven_tokens": flops / saved if saved > 0 else None,
+        }
+    return section
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reports
+
+
+def _f(x, spec=".4g") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _usd(x) -> str:
+    return "-" if x is None else f"${x:.3g}"
+
+
+def render_markdown(r: dict) -> str:
+    t, s, ratio, d, st = r["teacher"], r["student"], r["student_over_teacher"], r["data"], r["settings"]
+    price = (
+        f"at ${st['price_per_gpu_hour']:g}/GPU-hour on {st['accelerator']} ({st['peak_tflops']:g} TFLOP/s) at "
+        f"{st['mfu']:.0%} MFU"
+        if st["price_per_gpu_hour"] is not None
+        else "(give --price-per-gpu-hour)"
+    )
+    rows = [
+        ("parameters", f"{t['parameters']:,}", f"{s['parameters']:,}", f"{ratio['parameters']:.3g}x"),
+        ("perplexity", _f(t["perplexity"]), _f(s["perplexity"]), f"{ratio['perplexity']:.3g}x"),
+        ("mean cross-entropy, nats/token", _f(t["mean_cross_entropy"]), _f(s["mean_cross_entropy"]), ""),
+        ("top-1 agreement with the teacher", "1", _f(s["top1_agreement"], ".3f"), ""),
+        ("KL(teacher \u2016 student), nats/token", "0", _f(s["kl_teacher_student"]), ""),
+        (f"forward tokens/s (measured, {st['device']})", f"{t['tokens_per_second']:,.0f}",
+         f"{s['tokens_per_second']:,.0f}", f"{ratio['tokens_per_second']:.3g}x"),
+        (f"FLOPs per generated token (context {st['context']})", cost._num(t["flops_per_token"]),
+         cost._num(s["flops_per_token"]), f"{ratio['flops_per_token']:.3g}x"),
+        (f"$ per 1M generated tokens {price}", _usd(t["usd_per_million_tokens"]), _usd(s["usd_per_million_tokens"]), ""),
+    ]  # fmt: skip
+    lines = [
+        f"# distill eval: `{s['path']}` vs its teacher `{t['path']}`",
+        "",
+        (
+            f"Held out: `{d['path']}` ({d['rows']} rows, {d['sequences']} sequences of at most {d['max_length']} "
+            f"tokens, {d['target_tokens']:,} target tokens), {st['dtype']} on {st['device']}."
+        ),
+        "",
+        "| | teacher | student | student / teacher |",
+        "|---|---:|---:|---:|",
+        *[f"| {a} | {b} | {c} | {e} |" for a, b, c, e in rows],
+        "",
+        (
+            "Perplexity is exp(mean cross-entropy) on the target tokens. Agreement: how often the student's most "
+            "likely next token is the teacher's. KL: how far the student's next-token distribution is from the "
+            "teacher's, in nats per token (0 = the same). FLOPs per token are measured on one forward pass "
+            "(2N + 4Lsd: weights plus attention over the context); $ follow from them at the stated peak and MFU."
+        ),
+    ]
+    if r["compared"]:
+        lines += ["", "Compared with earlier reports:", "", "| student | perplexity | agreement | KL | FLOPs/token |",
+                  "|---|---:|---:|---:|---:|"]  # fmt: skip
+        for c in [*r["compared"], {**s, "label": s["path"] + " (this report)"}]:
+            lines.append(
+                f"| `{c['label']}` | {_f(c['perplexity'])} | {_f(c.get('top1_agreement'), '.3f')} | "
+                f"{_f(c.get('kl_teacher_student'))} | {cost._num(c['flops_per_token'])} |"
+            )
+    if r["training"]:
+        tr = r["training"]
+        final = ", ".join(f"{k} {v:.4g}" for k, v in tr["final"].items())
+        lines += [
+            "",
+            "## Training",
+            "",
+            f"`{tr['run_dir']}`: {tr['steps']} steps; last logged (eval_* on the run's own eval data): {final}.",
+        ]
+        if "cost" in tr:
+            c = tr["cost"]
+            be = c["breakeven_tokens"]
+            lines.append(
+                f"Training compute (teacher forwards + student steps, measured): {cost._num(c['flops'])} FLOPs = "
+                f"{c['pflops_days']:.3g} PFlop/s-days in {c['wall_seconds']:,.0f} s"
+                + (f", {_usd(c['cost_usd'])}" if c["cost_usd"] is not None else "")
+                + (f". The student pays for its training after serving {cost._num(be)} tokens in place of the teacher."
+                   if be else ". The student is not cheaper per token than the teacher.")
+            )  # fmt: skip
+    figures = r["files"]
+    lines += ["", "## Figures", ""]
+    if "loss_curves" in figures:
+        lines += ["![loss curves](loss_curves.png)", "", loss_curves_text(r["training"]["plotted"]), ""]
+    lines += [
+        "![quality vs cost](quality_vs_cost.png)",
+        "",
+        "Each model is a point: FLOPs per generated token (right = more expensive to serve) against held-out "
+        "perplexity (up = worse). Distillation pays when the student sits far left of the teacher and not "
+        "much higher"
+        + ("; squares are the students of the earlier reports, with an arrow to this one." if r["compared"] else "."),
+    ]
+    if r["generations"]:
+        lines += ["", "## Greedy generations", ""]
+        for g in r["generations"]:
+            prompt = g["prompt"] if isinstance(g["prompt"], str) else g["prompt"][-1]["content"]
+            lines += [f"**{_quote(prompt)}**", "", f"- teacher: {_quote(g['teacher'])}",
+                      f"- student: {_quote(g['student'])}", ""]  # fmt: skip
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def loss_curves_text(drawn: list[str]) -> str:
+    text = "Training loss (solid) and held-out loss (dashed; step 0 is before training) per step"
+    if "kd_loss" in drawn:
+        text += (
+            "; `kd_loss` is the T\u00b2-scaled divergence from the teacher, `ce_loss` the cross-entropy with the "
+            "data labels, `loss` their alpha-weighted sum"
+        )
+    text += (
+        ". Falling then flattening is convergence; held-out loss flat or rising while training loss keeps "
+        "falling is overfitting (more data, or fewer steps)."
+    )
+    if "eval_agreement" in drawn:
+        text += " Right: how often the student's next-token argmax matched the teacher's on held-out data."
+    return text
+
+
+def _quote(text: str) -> str:
+    return "`" + text.replace("`", "'").replace("\n", "\u21b5") + "`" if text.strip() else "(empty)"
+
+
+def render_summary(r: dict, out: Path) -> str:
+    t, s = r["teacher"], r["student"]
+    lines = [
+        "",
+        "distill eval: done",
+        f"  {'':<26}{'teacher':>14}{'student':>14}",
+        f"  {'parameters':<26}{t['parameters']:>14,}{s['parameters']:>14,}",
+        f"  {'perplexity':<26}{t['perplexity']:>14.4g}{s['perplexity']:>14.4g}",
+        f"  {'agreement with teacher':<26}{'1':>14}{s['top1_agreement']:>14.3f}",
+        f"  {'KL(teacher||student)':<26}{'0':>14}{s['kl_teacher_student']:>14.4g}",
+        f"  {'forward tokens/s':<26}{t['tokens_per_second']:>14,.0f}{s['tokens_per_second']:>14,.0f}",
+        f"  {'FLOPs per token':<26}{cost._num(t['flops_per_token']):>14}{cost._num(s['flops_per_token']):>14}",
+        f"  {'$ per 1M tokens':<26}{_usd(t['usd_per_million_tokens']):>14}{_usd(s['usd_per_million_tokens']):>14}",
+        f"  report: {out / 'eval_report.md'}",
+    ]
+    return "\n".join(lines)

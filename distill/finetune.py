@@ -1,0 +1,73 @@
+"""The `distill finetune` job: supervised fine-tuning of a (distilled) student on domain data, with
+LoRA adapters (`use_peft: true`) or in full.
+
+Same shape as `distill train` without a teacher: checks cheapest-first, then data, then the model,
+then a plain `transformers.Trainer`. The data pipeline masks prompts and non-assistant turns with
+-100, so the model's own cross-entropy (normalised by the Trainer's token count across gradient
+accumulation) is the loss on completion / assistant tokens only, and `eval_loss` is the same loss on
+the held-out split.
+"""
+
+from __future__ import annotations
+
+from transformers import Trainer, TrainingArguments
+
+from distill import adapters
+from distill.config import DataArguments, ModelArguments
+from distill.data import Collator, build_datasets
+from distill.models import load_tokenizer, resolve, vocab_sizes_fit
+from distill.recipe import load_recipe, parse
+from distill.train import resume_checkpoint, save_run_files
+
+ARGUMENTS = (ModelArguments, DataArguments, TrainingArguments)
+
+
+def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
+    recipe = load_recipe(recipe_path, overrides)
+    model_args, data_args, config = parse(recipe, ARGUMENTS)
+    adapters.check(model_args, config)
+    resolve(model_args.model_name_or_path)
+    resume = resume_checkpoint(config)
+
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    with config.main_process_first(desc="tokenizing"):
+        train_data, eval_data = build_datasets(data_args, tokenizer, seed=config.seed)
+
+    model = adapters.load_student(model_args, config)
+    vocab_sizes_fit(tokenizer, model)
+    if config.process_index == 0:
+        print(adapters.trainable_parameters(model), flush=True)
+
+    trainer = Trainer(
+        model=model,
+        args=config,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        processing_class=tokenizer,
+        data_collator=Collator(tokenizer.pad_token_id),
+        callbacks=[],  # job-wide callbacks (e.g. the cost meter) go here
+    )
+    before = trainer.evaluate(metric_key_prefix="eval_before") if eval_data is not None and not resume else {}
+    train_metrics = trainer.train(resume_from_checkpoint=resume).metrics
+    after = trainer.evaluate() if eval_data is not None else {}
+    trainer.save_model(config.output_dir)  # the adapter (PEFT format) or the full model, + tokenizer
+
+    metrics = {"train": train_metrics, "eval_before": before, "eval": after, "global_step": trainer.state.global_step}
+    if trainer.is_world_process_zero():
+        save_run_files(config.output_dir, recipe, metrics)
+        print(summary(trainer, metrics, config.output_dir))
+    return metrics
+
+
+def summary(trainer, metrics: dict, output_dir: str) -> str:
+    def fmt(x):
+        return "n/a" if x is None else f"{x:.4f}"
+
+    lines = ["", "distill finetune: done", f"  steps            {metrics['global_step']}"]
+    if metrics["eval"]:
+        lines.append(
+            f"  held-out loss    before {fmt(metrics['eval_before'].get('eval_before_loss'))}"
+            f"  after {fmt(metrics['eval']['eval_loss'])}"
+        )
+    lines.append(f"  {adapters.saved_to(trainer.model, output_dir, 'model')}")
+    return "\n".join(lines)

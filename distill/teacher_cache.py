@@ -1,0 +1,450 @@
+"""An offline teacher: run it once over the data, keep its top-k targets on disk, train without it.
+
+``distill cache-teacher RECIPE.yaml`` tokenizes the recipe's data exactly as ``distill train`` will,
+runs the teacher over every example and stores, for every target position, the teacher's k most
+likely ids, their log-probabilities at the recipe's temperature and the log of the remaining mass
+(:class:`distill.losses.TopKTargets`). ``distill train`` with ``teacher_cache: PATH`` then loads
+no teacher model: each batch carries its targets, and the loss is the top-k loss
+(:func:`distill.losses.topk_distillation_loss` or its chunked twin).
+
+Layout::
+
+    PATH/manifest.json          what the cache was built for, progress, and the build's report
+    PATH/train/shard-00000/     logprobs.npy (rows, k) float32, ids.npy (rows, k) int32,
+                                tail.npy (rows,) float32, offsets.npy (examples + 1,) int64
+    PATH/train/shard-00001/ ...
+    PATH/eval/shard-00000/ ...  when the recipe has evaluation data
+
+A *row* is a target position: position p of an example with ``labels[p + 1] != -100``, in order;
+example e of a shard owns rows ``offsets[e]:offsets[e + 1]``. Only target positions are stored:
+prompts and padding cost no disk.
+
+A shard is written into ``shard-NNNNN.tmp`` and renamed when complete, so an interrupted build
+leaves only whole shards plus at most one ``.tmp`` directory, which is never read and is redone on
+the next run: building again resumes. Shards hold whole examples in fixed batches, so a resumed
+build writes the same bytes as an uninterrupted one.
+
+A cache serves one run: its manifest records the tokenizer (a hash of its vocabulary), the data (a
+hash of every example's token ids and labels), ``max_length``, k, the temperature, the teacher and
+the vocabulary size. Training refuses a cache that differs in any of them, before loading a model.
+The temperature is part of it because top-k log-probabilities at one temperature cannot be
+re-tempered: the tail's mass at another T depends on the logits that were dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill.chunked import final_hidden_states, output_weight, supports_chunked_loss
+from distill.losses import IGNORE_INDEX, TopKTargets, distillation_loss, teacher_topk, topk_distillation_loss
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+SHARD_EXAMPLES = 1024  # examples per shard: a few to a few hundred MB at k = 64
+REPORT_BATCHES = 4  # batches on which the build compares the top-k loss with the full one
+ARRAYS = {"logprobs": np.float32, "ids": np.int32, "tail": np.float32}
+_IDENTITY_NAMES = {
+    "tokenizer": "tokenizer",
+    "datasets": "data (the hash of its token ids and labels)",
+    "max_length": "max_length",
+    "k": "teacher_top_k",
+    "temperature": "temperature",
+}
+
+
+def data_fingerprint(data) -> str | None:
+    """sha256 of every example's ``input_ids`` and ``labels``, in order (None for no data)."""
+    if data is None:
+        return None
+    digest = hashlib.sha256()
+    for batch in data.with_format("arrow").iter(batch_size=1024):
+        for column in ("input_ids", "labels"):
+            array = batch.column(column).combine_chunks()
+            digest.update(np.asarray(array.offsets).astype(np.int64).tobytes())
+            digest.update(np.asarray(array.values).astype(np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_hash(tokenizer) -> str:
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+
+
+def run_identity(config, data_args, tokenizer, train_data, eval_data) -> dict:
+    """What a cache must have been built for to serve this run."""
+    return {
+        "tokenizer": tokenizer_hash(tokenizer),
+        "datasets": {"train": data_fingerprint(train_data), "eval": data_fingerprint(eval_data)},
+        "max_length": data_args.max_length,
+        "k": config.teacher_top_k,
+        "temperature": config.temperature,
+    }
+
+
+def _mismatch(cached: dict, wanted: dict) -> list[str]:
+    return [
+        f"{_IDENTITY_NAMES[key]} (cache: {_short(cached.get(key))}, this run: {_short(wanted[key])})"
+        for key in _IDENTITY_NAMES
+        if cached.get(key) != wanted[key]
+    ]
+
+
+def _short(value):
+    if isinstance(value, dict):
+        return {k: _short(v) for k, v in value.items()}
+    return value[:12] if isinstance(value, str) and len(value) == 64 else value
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)  # atomic: a reader sees the old manifest or the new one, never half
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+
+class TeacherCache:
+    """A finished cache directory: its manifest, checks against a run, and its splits."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+        manifest = self.path / MANIFEST
+        if not manifest.is_file():
+            raise ValueError(
+                f"teacher_cache {path} holds no {MANIFEST}: build it first with `distill cache-teacher RECIPE.yaml` "
+                "(the same recipe, with teacher_model_name_or_path set)"
+            )
+        self.manifest = json.loads(manifest.read_text(encoding="utf-8"))
+        if self.manifest.get("format") != FORMAT:
+            raise ValueError(
+                f"teacher_cache {path} has format {self.manifest.get('format')}, this distill reads {FORMAT}"
+            )
+        if not self.manifest.get("complete"):
+            raise ValueError(
+                f"teacher_cache {path} is incomplete (its build was interrupted); run `distill cache-teacher` "
+                "with the same recipe again to finish it"
+            )
+        self.vocab_size = self.manifest["vocab_size"]
+        self.k = self.manifest["identity"]["k"]
+
+    def check(self, identity: dict, teacher: str | None = None) -> None:
+        """ValueError unless the cache was built for a run with this identity (and this teacher)."""
+        problems = _mismatch(self.manifest["identity"], identity)
+        if teacher and teacher != self.manifest["teacher"]:
+            problems.append(f"teacher (cache: {self.manifest['teacher']}, this run: {teacher})")
+        if problems:
+            raise ValueError(
+                f"teacher_cache {self.path} was built for another run; it differs in: {'; '.join(problems)}. "
+                "Rebuild it with `distill cache-teacher` on this recipe, or restore the recipe it was built with."
+            )
+
+    def check_student(self, student) -> None:
+        """The cache's ids span min(student vocab, teacher vocab); so must this student's logits."""
+        width = student.get_output_embeddings().weight.shape[0]
+        if min(width, self.manifest["teacher_vocab_size"]) != self.vocab_size:
+            raise ValueError(
+                f"teacher_cache {self.path} was built for a shared vocabulary of {self.vocab_size} ids, but this "
+                f"student has {width} output logits; rebuild the cache with this student in the recipe"
+            )
+
+    def split(self, name: str) -> CacheSplit:
+        return CacheSplit(
+            self.path / name, self.manifest["splits"][name]["examples"], self.manifest["examples_per_shard"]
+        )
+
+    def attach(self, name: str, data):
+        """``data`` (a tokenized dataset of this run) whose rows carry their cached targets."""
+        return None if data is None else WithTeacherTargets(data, self.split(name))
+
+
+class CacheSplit:
+    """The targets of one split, memory-mapped shard by shard."""
+
+    def __init__(self, path: Path, examples: int, examples_per_shard: int):
+        self.path, self.examples, self.per_shard = path, examples, examples_per_shard
+        self._shards: dict[int, dict] = {}
+
+    def _shard(self, index: int) -> dict:
+        if index not in self._shards:
+            where = self.path / f"shard-{index:05d}"
+            self._shards[index] = {name: np.load(where / f"{name}.npy", mmap_mode="r") for name in (*ARRAYS, "offsets")}
+        return self._shards[index]
+
+    def example(self, i: int) -> TopKTargets:
+        """Targets of example ``i``'s target positions, in order, as numpy arrays."""
+        if not 0 <= i < self.examples:
+            raise IndexError(i)
+        shard = self._shard(i // self.per_shard)
+        lo, hi = shard["offsets"][i % self.per_shard : i % self.per_shard + 2]
+        return TopKTargets(*(shard[name][lo:hi] for name in ARRAYS))
+
+
+class WithTeacherTargets(torch.utils.data.Dataset):
+    """A tokenized dataset whose rows also carry ``teacher_targets`` from a :class:`CacheSplit`."""
+
+    def __init__(self, data, split: CacheSplit):
+        if len(data) != split.examples:
+            raise ValueError(f"the cache holds {split.examples} examples but the data has {len(data)}")
+        self.data, self.split = data, split
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.data[i], "teacher_targets": self.split.example(i)}
+
+
+class TargetsCollator:
+    """Wraps a collator: adds ``teacher_logprobs`` / ``teacher_ids`` (batch, seq, k) and
+    ``teacher_tail`` (batch, seq), aligned with the logits (position p holds the targets for label
+    p + 1). Positions without a target hold zeros, which the losses never read."""
+
+    def __init__(self, collator, k: int):
+        self.collator, self.k = collator, k
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch = self.collator(rows)
+        labels = batch["labels"]
+        b, width = labels.shape
+        logprobs = torch.zeros(b, width, self.k)
+        ids = torch.zeros(b, width, self.k, dtype=torch.int32)
+        tail = torch.zeros(b, width)
+        for j, row in enumerate(rows):
+            positions = labels[j, 1:].ne(IGNORE_INDEX).nonzero().squeeze(1)
+            cached = row["teacher_targets"]
+            if len(positions) != len(cached.tail):
+                raise ValueError(
+                    f"an example has {len(positions)} target positions but its cached targets have "
+                    f"{len(cached.tail)} rows: the cache does not belong to this data"
+                )
+            logprobs[j, positions] = torch.from_numpy(np.array(cached.logprobs))
+            ids[j, positions] = torch.from_numpy(np.array(cached.ids))
+            tail[j, positions] = torch.from_numpy(np.array(cached.tail))
+        return {**batch, "teacher_logprobs": logprobs, "teacher_ids": ids, "teacher_tail": tail}
+
+
+# --- building --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def teacher_targets(teacher, batch: dict, k: int, temperature: float, vocab: int, chunk: int = 1024) -> TopKTargets:
+    """Top-k targets of every target position of a batch, in row-major order, as fp32 tensors.
+
+    From the final hidden states a chunk of rows at a time where the teacher allows it (the full
+    logits of a batch are never made), else from its logits.
+    """
+    target = batch["labels"][:, 1:].ne(IGNORE_INDEX)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if supports_chunked_loss(teacher):
+        with final_hidden_states(teacher) as captured:
+            teacher(**inputs, logits_to_keep=1)
+        rows, weight = captured["hidden"][:, :-1][target], output_weight(teacher)[:vocab]
+        logits = (rows[i : i + chunk] @ weight.T for i in range(0, len(rows), chunk))
+    else:
+        full = teacher(**inputs).logits[:, :-1][target][:, :vocab]
+        logits = (full[i : i + chunk] for i in range(0, len(full), chunk))
+    parts = [teacher_topk(x, k, temperature) for x in logits]
+    if not parts:
+        return TopKTargets(torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long), torch.zeros(0))
+    return TopKTargets(*(torch.cat(p) for p in zip(*parts)))
+
+
+def _write_shard(final: Path, arrays: dict) -> None:
+    """Write into final.tmp, then rename: a shard directory that exists is complete."""
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for name, array in arrays.items():
+        np.save(tmp / f"{name}.npy", array)
+    os.replace(tmp, final)
+
+
+def write_split(directory: Path, data, teacher, collator, *, k, temperature, vocab, batch_size, per_shard, progress):
+    """Cache ``data``'s targets under ``directory``, skipping shards that are already complete."""
+    device = next(teacher.parameters()).device
+    for index in range(math.ceil(len(data) / per_shard)):
+        final = directory / f"shard-{index:05d}"
+        first, last = index * per_shard, min(len(data), (index + 1) * per_shard)
+        if final.is_dir():
+            progress.update(last - first)
+            continue
+        arrays = {name: [] for name in ARRAYS}
+        counts = []
+        for start in range(first, last, batch_size):
+            rows = [data[i] for i in range(start, min(last, start + batch_size))]
+            batch = {key: value.to(device) for key, value in collator(rows).items()}
+            targets = teacher_targets(teacher, batch, k, temperature, vocab)
+            for name, dtype in ARRAYS.items():
+                arrays[name].append(getattr(targets, name).cpu().numpy().astype(dtype))
+            counts += batch["labels"][:, 1:].ne(IGNORE_INDEX).sum(1).tolist()
+            progress.update(len(rows))
+        out = {name: np.concatenate(parts) for name, parts in arrays.items()}
+        out["offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        _write_shard(final, out)
+
+
+def _split_rows(directory: Path) -> tuple[int, int, float]:
+    """(rows, bytes on disk, mean teacher tail mass) of a finished split."""
+    rows = size = 0
+    tail_mass = 0.0
+    for shard in sorted(directory.glob("shard-?????")):
+        tail = np.load(shard / "tail.npy")
+        rows += len(tail)
+        tail_mass += float(np.exp(tail.astype(np.float64)).sum())
+        size += sum(f.stat().st_size for f in shard.iterdir())
+    return rows, size, tail_mass / max(rows, 1)
+
+
+@torch.no_grad()
+def loss_error(student, teacher, data, split: CacheSplit, collator, config, vocab: int, batch_size: int) -> dict:
+    """KD and total loss of ``student`` over the first batches of ``data``, with the full teacher and
+    with the cached top-k targets read back from disk (which also checks the round trip)."""
+    device = next(teacher.parameters()).device
+    kw = {"alpha": config.alpha, "temperature": config.temperature, "loss_type": config.loss_type, "beta": config.beta}
+    sums = torch.zeros(5, dtype=torch.float64)  # tokens, then token-weighted kd/loss, full and top-k
+    for start in range(0, min(len(data), REPORT_BATCHES * batch_size), batch_size):
+        rows = [
+            {**data[i], "teacher_targets": split.example(i)} for i in range(start, min(len(data), start + batch_size))
+        ]
+        batch = {key: value.to(device) for key, value in collator(rows).items()}
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        s = student(**inputs).logits.float()
+        full = distillation_loss(s[..., :vocab], teacher(**inputs).logits.float()[..., :vocab], batch["labels"], **kw)
+        targets = TopKTargets(batch["teacher_logprobs"], batch["teacher_ids"], batch["teacher_tail"])
+        topk = topk_distillation_loss(s, targets, batch["labels"], vocab_size=vocab, **kw)
+        n = full.num_tokens.item()
+        sums += torch.tensor([n, full.kd.item() * n, full.loss.item() * n, topk.kd.item() * n, topk.loss.item() * n])
+    kd_full, loss_full, kd_topk, loss_topk = (sums[1:] / sums[0].clamp(min=1)).tolist()
+    return {
+        "tokens": int(sums[0]),
+        "kd_full": kd_full,
+        "kd_topk": kd_topk,
+        "kd_rel_error": abs(kd_topk - kd_full) / max(abs(kd_full), 1e-12),
+        "loss_full": loss_full,
+        "loss_topk": loss_topk,
+        "loss_rel_error": abs(loss_topk - loss_full) / max(abs(loss_full), 1e-12),
+    }
+
+
+def build(
+    recipe_path: str, overrides: list[str] | None = None, examples_per_shard: int = SHARD_EXAMPLES
+) -> tuple[dict, str]:
+    """``distill cache-teacher``: build (or finish) the cache the recipe's ``teacher_cache`` names.
+
+    Returns (the final manifest, the cache's path). Everything a user can get wrong is checked
+    before a model loads.
+    """
+    from tqdm.auto import tqdm
+
+    from distill.data import Collator, build_datasets
+    from distill.models import check_same_tokenizer, load_model, load_tokenizer, resolve, vocab_sizes_fit
+    from distill.recipe import load_recipe, parse
+    from distill.train import ARGUMENTS, teacher_dtype
+
+    model_args, data_args, config = parse(load_recipe(recipe_path, overrides), ARGUMENTS)
+    if not config.teacher_cache:
+        raise ValueError("set teacher_cache: PATH in the recipe (or --teacher_cache PATH): where to write the cache")
+    if not config.teacher_model_name_or_path:
+        raise ValueError("cache-teacher runs the teacher: set teacher_model_name_or_path in the recipe")
+    resolve(model_args.model_name_or_path)
+    resolve(config.teacher_model_name_or_path)
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    check_same_tokenizer(tokenizer, load_tokenizer(config.teacher_model_name_or_path))
+    with config.main_process_first(desc="tokenizing"):
+        train_data, eval_data = build_datasets(data_args, tokenizer, seed=config.seed)
+    splits = {name: d for name, d in (("train", train_data), ("eval", eval_data)) if d is not None}
+    identity = run_identity(config, data_args, tokenizer, train_data, eval_data)
+
+    path = Path(config.teacher_cache)
+    manifest_path = path / MANIFEST
+    if manifest_path.is_file():
+        old = json.loads(manifest_path.read_text(encoding="utf-8"))
+        problems = _mismatch(old.get("identity", {}), identity)
+        if old.get("teacher") != config.teacher_model_name_or_path:
+            problems.append(f"teacher (cache: {old.get('teacher')}, this run: {config.teacher_model_name_or_path})")
+        if old.get("format") != FORMAT or old.get("examples_per_shard") != examples_per_shard:
+            problems.append("format or shard size")
+        if problems:
+            raise ValueError(
+                f"{path} already holds a teacher cache of another run; it differs in: {'; '.join(problems)}. "
+                "Delete it or choose another teacher_cache path."
+            )
+    elif path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(f"teacher_cache {path} exists and is not a teacher cache: choose a new or empty directory")
+
+    student = load_model(model_args.model_name_or_path, model_args.dtype, model_args.attn_implementation)
+    teacher = load_model(config.teacher_model_name_or_path, teacher_dtype(config), model_args.attn_implementation)
+    vocab_sizes_fit(tokenizer, student, teacher)
+    teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
+    vocab = min(student.get_output_embeddings().weight.shape[0], teacher_vocab)
+    teacher.to(config.device).eval()
+    student.to(config.device).eval()
+
+    manifest = {
+        "format": FORMAT,
+        "identity": identity,
+        "teacher": config.teacher_model_name_or_path,
+        "teacher_vocab_size": teacher_vocab,
+        "vocab_size": vocab,
+        "examples_per_shard": examples_per_shard,
+        "dtypes": {name: np.dtype(dtype).name for name, dtype in ARRAYS.items()},
+        "splits": {name: {"examples": len(d)} for name, d in splits.items()},
+        "complete": False,
+    }
+    path.mkdir(parents=True, exist_ok=True)
+    _write_json(manifest_path, manifest)
+    collator = Collator(tokenizer.pad_token_id)
+    batch_size = config.per_device_eval_batch_size
+    with tqdm(total=sum(len(d) for d in splits.values()), desc="cache-teacher", unit="example") as progress:
+        for name, data in splits.items():
+            write_split(
+                path / name, data, teacher, collator, k=config.teacher_top_k, temperature=config.temperature,
+                vocab=vocab, batch_size=batch_size, per_shard=examples_per_shard, progress=progress,
+            )  # fmt: skip
+
+    rows = size = 0
+    for name in splits:
+        split_rows, split_size, tail_mass = _split_rows(path / name)
+        manifest["splits"][name].update(rows=split_rows, bytes=split_size, mean_tail_mass=tail_mass)
+        rows, size = rows + split_rows, size + split_size
+    manifest["bytes_per_token"] = size / max(rows, 1)
+    cache = TeacherCache.__new__(TeacherCache)  # the reader, on the manifest not yet marked complete
+    cache.path, cache.manifest = path, manifest
+    manifest["report"] = loss_error(
+        student, teacher, train_data, cache.split("train"), TargetsCollator(collator, config.teacher_top_k),
+        config, vocab, batch_size,
+    )  # fmt: skip
+    manifest["complete"] = True
+    _write_json(manifest_path, manifest)
+    return manifest, str(path)
+
+
+def summary(manifest: dict, path: str) -> str:
+    report, identity = manifest["report"], manifest["identity"]
+    lines = ["", f"distill: teacher cache at {path}"]
+    lines.append(
+        f"  k {identity['k']}, temperature {identity['temperature']}, vocabulary {manifest['vocab_size']}, "
+        f"teacher {manifest['teacher']}"
+    )
+    for name, split in manifest["splits"].items():
+        lines.append(
+            f"  {name:5s} {split['examples']} examples, {split['rows']} target tokens, {split['bytes'] / 1e6:.1f} MB, "
+            f"mean teacher mass outside the top k {split['mean_tail_mass']:.2%}"
+        )
+    lines.append(f"  {manifest['bytes_per_token']:.0f} bytes per target token")
+    lines.append(
+        f"  loss vs the full-vocabulary teacher, recipe student, first {report['tokens']} target tokens: "
+        f"KD {report['kd_topk']:.4f} vs {report['kd_full']:.4f} ({report['kd_rel_error']:.2%}), "
+        f"total {report['loss_topk']:.4f} vs {report['loss_full']:.4f} ({report['loss_rel_error']:.2%})"
+    )
+    lines.append(f"  train on it with: distill train RECIPE.yaml --teacher_cache {path}")
+    return "\n".join(lines)
