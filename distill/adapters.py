@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft.utils import ModulesToSaveWrapper
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.pytorch_utils import Conv1D
 
@@ -76,21 +77,22 @@ def check_targets(args: ModelArguments) -> None:
         raise _hub_error(args.model_name_or_path, err) from err
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
+        kind = type(skeleton).__name__
         modules = dict(skeleton.named_modules())
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, (torch.nn.Linear, Conv1D))})
         try:
-            get_peft_model(skeleton, lora_config(args))
+            wrapped = get_peft_model(skeleton, lora_config(args))
         except ValueError as err:
+            linear = {n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, (torch.nn.Linear, Conv1D))}
             raise ValueError(
-                f"lora_target_modules {args.lora_target_modules} does not fit {type(skeleton).__name__}: {err} "
-                f"Its linear layers are named: {', '.join(linear)} (or use all-linear)."
+                f"lora_target_modules {args.lora_target_modules} does not fit {kind}: {err} "
+                f"Its linear layers are named: {', '.join(sorted(linear))} (or use all-linear)."
             ) from err
+    saved = [n for n, m in wrapped.named_modules() if isinstance(m, ModulesToSaveWrapper)]
     for name in args.lora_modules_to_save or []:
-        if not any(n == name or n.endswith(f".{name}") for n in modules):
+        if not any(n.endswith(name) for n in saved):  # PEFT matched by name suffix; did it match this one?
             named = sorted({n.rsplit(".", 1)[-1] for n in modules if n and not n[-1].isdigit()})
             raise ValueError(
-                f"lora_modules_to_save: {name!r} names no module of {type(skeleton).__name__}, whose modules "
-                f"are named: {', '.join(named)}"
+                f"lora_modules_to_save: {name!r} names no module of {kind}, whose modules are: {', '.join(named)}"
             )
 
 
@@ -123,8 +125,9 @@ def trainable_parameters(model) -> str:
     if isinstance(model, PeftModel):
         trainable, total = model.get_nb_trainable_parameters()  # counts 4-bit packed weights at full size
     else:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
+        # Under ZeRO-3 a parameter here is a 0-element placeholder; ds_numel is its real size.
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
 
 
@@ -143,11 +146,12 @@ def merge(adapter_dir: str, output_dir: str, base: str | None = None, dtype: str
         raise ValueError(f"{adapter_dir} holds no adapter_config.json: give the folder a use_peft run saved")
     if Path(output_dir).resolve() == adapter.resolve():
         raise ValueError("--output must differ from the adapter folder: the merged model is a separate folder")
-    base = base or PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
-    try:
-        resolve(base)
-    except ValueError as err:
-        raise ValueError(f"the adapter's base model: {err}; pass --base PATH to say where it is") from err
+    if base is None:
+        base = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+        try:
+            resolve(base)
+        except ValueError as err:
+            raise ValueError(f"the base model named in adapter_config.json: {err}; pass --base PATH") from err
     model = PeftModel.from_pretrained(load_model(base, dtype), adapter_dir).merge_and_unload()
     model.save_pretrained(output_dir)
     # The run saved its tokenizer next to the adapter; an adapter from elsewhere may rely on the base's.

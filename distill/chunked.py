@@ -209,10 +209,14 @@ def _run(
     # Under autocast (Trainer's bf16/fp16) the output layer would run in the autocast dtype; do the
     # same, explicitly, because the custom function's forward would otherwise mix dtypes.
     device_type = h_s.device.type
-    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h_s.dtype
+    autocast = torch.is_autocast_enabled(device_type)
+    compute_dtype = torch.get_autocast_dtype(device_type) if autocast else h_s.dtype
+    # The teacher's output layer runs in its own dtype (or the autocast one), as its forward would:
+    # no full-precision copy of its weight.
+    teacher_dtype = compute_dtype if autocast or isinstance(teacher, TopKTargets) else teacher[1].dtype
     loss, kd, ce = _ChunkedKD.apply(
-        h_s, student_weight, teacher, y, denom, vocab, chunk_size, compute_dtype, torch.is_grad_enabled(),
-        alpha, temperature, loss_type, beta,
+        h_s, student_weight, teacher, y, denom, vocab, chunk_size, (compute_dtype, teacher_dtype),
+        torch.is_grad_enabled(), alpha, temperature, loss_type, beta,
     )  # fmt: skip
     return DistillationLoss(loss, kd, ce, num_tokens)
 
@@ -224,14 +228,15 @@ class _ChunkedKD(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h_s, w_s, teacher, y, denom, vocab, chunk_size, compute_dtype, grad_enabled, *loss_args):
+    def forward(ctx, h_s, w_s, teacher, y, denom, vocab, chunk_size, dtypes, grad_enabled, *loss_args):
+        compute_dtype, teacher_dtype = dtypes
         need_h = grad_enabled and h_s.requires_grad
         need_w = grad_enabled and w_s.requires_grad
         alpha, temperature, loss_type, beta = loss_args
         with torch.autocast(device_type=h_s.device.type, enabled=False):
             ws = w_s[:vocab].to(compute_dtype)
             if not isinstance(teacher, TopKTargets):
-                h_t, wt = teacher[0], teacher[1][:vocab].to(compute_dtype)
+                h_t, wt = teacher[0], teacher[1][:vocab].to(teacher_dtype)
             grad_h = torch.empty_like(h_s) if need_h else None
             # Accumulate the weight gradient over chunks in at least fp32: summing many
             # bf16-rounded partial products would lose what a single matmul keeps.
@@ -247,7 +252,7 @@ class _ChunkedKD(torch.autograd.Function):
                 if isinstance(teacher, TopKTargets):
                     t = TopKTargets(*(x[rows] for x in teacher))
                 else:  # made inside _chunk once the student's logits are consumed: one buffer less
-                    t = partial(_logits, h_t[rows], wt, compute_dtype, math_dtype)
+                    t = partial(_logits, h_t[rows], wt, teacher_dtype, math_dtype)
                 # The logits are passed, not named here (nor packed in a *args tuple), so that _chunk
                 # can free them as soon as it is done with them.
                 kd_c, ce_c, g, scale = _chunk(_logits(hs, ws, compute_dtype, math_dtype), t, y[rows],

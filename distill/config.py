@@ -3,6 +3,9 @@
 - `ModelArguments`: the student (or the model to fine-tune) and how to load it.
 - `DataArguments`: where the data is and how it becomes token ids.
 - `DistillConfig`: `transformers.TrainingArguments` plus what distillation adds (teacher, alpha, T, ...).
+- `FinetuneConfig`: `transformers.TrainingArguments` for `distill finetune`.
+
+Both training configs carry `CostArguments`, the settings of the cost meter.
 
 Every field carries its help text; `__post_init__` checks what a user can get wrong, so a bad
 recipe fails in milliseconds rather than after the models have loaded.
@@ -50,8 +53,8 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "The student: a hub id, a local directory saved with save_pretrained, or a local .gguf "
-            "file (dequantized on load; needs the `gguf` extra)."
+            "help": "The student (the model that trains): a hub id or a local directory saved with "
+            "save_pretrained. A .gguf file can only be a teacher."
         },
     )
     dtype: str = field(
@@ -110,6 +113,12 @@ class ModelArguments:
     def __post_init__(self):
         if not self.model_name_or_path:
             raise ValueError("model_name_or_path is required: the hub id or local path of the student model")
+        if self.model_name_or_path.endswith(".gguf"):
+            # transformers marks GGUF-loaded models as quantized and Trainer refuses to train those.
+            raise ValueError(
+                f"model_name_or_path={self.model_name_or_path} is a GGUF file, which cannot be trained; load it "
+                "once with AutoModelForCausalLM.from_pretrained(dir, gguf_file=...) and save_pretrained it"
+            )
         _check_dtype("dtype", self.dtype)
         if isinstance(self.lora_target_modules, str):  # `lora_target_modules: q_proj` in YAML
             self.lora_target_modules = [self.lora_target_modules]
@@ -175,7 +184,44 @@ class DataArguments:
 
 
 @dataclass
-class DistillConfig(TrainingArguments):
+class CostArguments:
+    """The cost meter's settings (distill.cost.CostCallback). A mixin: list it before TrainingArguments,
+    whose `__post_init__` its own hands on to."""
+
+    measure_cost: bool = field(
+        default=True,
+        metadata={
+            "help": "Measure the training FLOPs (student forward + backward, teacher forward) once per input "
+            "shape, log them with MFU, "
+            "keep the count across resumes and write cost_report.json. Off only if counting fails (torch_compile)."
+        },
+    )
+    peak_tflops: float | None = field(
+        default=None,
+        metadata={
+            "help": "Dense bf16/fp16 peak TFLOP/s of one device, for MFU. Unset: looked up from the GPU's name "
+            "(distill.cost.PEAK_TFLOPS); no MFU on CPU."
+        },
+    )
+    gpu_hour_price: float | None = field(
+        default=None, metadata={"help": "$ per device-hour, for the dollar figure of cost_report.json."}
+    )
+
+    def __post_init__(self):
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"peak_tflops must be > 0 (TFLOP/s of one device), got {self.peak_tflops}")
+        if self.gpu_hour_price is not None and self.gpu_hour_price < 0:
+            raise ValueError(f"gpu_hour_price must be >= 0 ($ per device-hour), got {self.gpu_hour_price}")
+        super().__post_init__()
+
+
+@dataclass
+class FinetuneConfig(CostArguments, TrainingArguments):
+    """`TrainingArguments` plus the cost meter's settings: fine-tuning has no knobs of its own."""
+
+
+@dataclass
+class DistillConfig(CostArguments, TrainingArguments):
     """`TrainingArguments` plus the distillation knobs. Loss: alpha * T^2 * D(teacher, student) + (1 - alpha) * CE."""
 
     teacher_model_name_or_path: str | None = field(
@@ -241,23 +287,6 @@ class DistillConfig(TrainingArguments):
             "of its probability mass is kept as one number). Larger k: closer to the full loss, more disk."
         },
     )
-    measure_cost: bool = field(
-        default=True,
-        metadata={
-            "help": "Measure the teacher's and the student's FLOPs (once per input shape), log them with MFU, "
-            "keep the count across resumes and write cost_report.json. Off only if counting fails (torch_compile)."
-        },
-    )
-    peak_tflops: float | None = field(
-        default=None,
-        metadata={
-            "help": "Dense bf16/fp16 peak TFLOP/s of one device, for MFU. Unset: looked up from the GPU's name "
-            "(distill.cost.PEAK_TFLOPS); no MFU on CPU."
-        },
-    )
-    gpu_hour_price: float | None = field(
-        default=None, metadata={"help": "$ per device-hour, for the dollar figure of cost_report.json."}
-    )
     remove_unused_columns: bool = field(
         default=False,
         metadata={"help": "Kept False: distill's collator already builds exactly the columns the models take."},
@@ -281,10 +310,6 @@ class DistillConfig(TrainingArguments):
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {self.beta}")
         _check_dtype("teacher_dtype", self.teacher_dtype)
-        if self.peak_tflops is not None and not self.peak_tflops > 0:
-            raise ValueError(f"peak_tflops must be > 0 (TFLOP/s of one device), got {self.peak_tflops}")
-        if self.gpu_hour_price is not None and self.gpu_hour_price < 0:
-            raise ValueError(f"gpu_hour_price must be >= 0 ($ per device-hour), got {self.gpu_hour_price}")
         if self.bf16 and not self.use_cpu:
             check_bf16_hardware()
         super().__post_init__()

@@ -307,7 +307,7 @@ def render_plan(p: dict) -> str:
         f"  {'  of which attention (the 4Lsd terms)':<44}{_num(attention):>12}{pflops_days(attention):>14.4g}",
         "",
         f"  on {p['accelerator']} ({p['peak_tflops']:g} TFLOP/s dense bf16) at {p['mfu']:.0%} MFU: "
-        f"{p['gpu_hours']:,.1f} GPU-hours = {p['gpu_days']:,.2f} GPU-days"
+        f"{_num(p['gpu_hours'])} GPU-hours = {_num(p['gpu_days'])} GPU-days"
         + (f", {_usd(p['cost_usd'])} at ${p['price_per_gpu_hour']:g}/GPU-hour" if p["cost_usd"] is not None else ""),
         "  servers sustaining {:g} PFlop/s: ".format(p["servers"][0]["pflops"])
         + ", ".join(f"{s['servers']:,} for {s['days']:g} days" for s in p["servers"]),

@@ -300,6 +300,8 @@ def run(args) -> dict:
     teacher, student = load_eval_model(args.teacher, args.dtype), load_eval_model(args.student, args.dtype)
     vocab_sizes_fit(tokenizer, student, teacher)
 
+    # Counted first: the one counted forward pass also warms each model up before it is timed.
+    flops = {role: forward_flops_per_token(m, args.max_length) for role, m in zip(ROLES, (teacher, student))}
     collate = Collator(tokenizer.pad_token_id)
     batches = (collate([data[j] for j in range(i, min(i + args.batch_size, len(data)))])
                for i in range(0, len(data), args.batch_size))  # fmt: skip
@@ -307,7 +309,7 @@ def run(args) -> dict:
 
     models = {}
     for role, model, name in (("teacher", teacher, args.teacher), ("student", student, args.student)):
-        fpt = forward_flops_per_token(model, args.max_length)
+        fpt = flops[role]
         mean_ce = sums[f"nll_{role}"] / sums["targets"]
         models[role] = {
             "path": name,
@@ -346,8 +348,8 @@ def run(args) -> dict:
         },
         "data": {**same_data, "path": args.data, "sequences": len(data),
                  "target_tokens": sums["targets"], "tokens": sums["tokens"], "max_length": args.max_length},
-        "settings": {"device": str(student.device), "dtype": str(student.dtype).removeprefix("torch."), "batch_size": args.batch_size,
-                     "accelerator": accelerator, "peak_tflops": peak, "mfu": args.mfu,
+        "settings": {"device": str(student.device), "dtype": str(student.dtype).removeprefix("torch."),
+                     "batch_size": args.batch_size, "accelerator": accelerator, "peak_tflops": peak, "mfu": args.mfu,
                      "price_per_gpu_hour": args.price_per_gpu_hour, "context": args.max_length},
         "generations": generations,
         "training": None,
@@ -419,6 +421,16 @@ def _f(x, spec=".4g") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _big(x) -> str:
+    """1982464.0 -> '1.982e6'; below a million written out: 365,312."""
+    if x is None:
+        return "-"
+    if abs(x) < 1e6:
+        return f"{x:,.0f}"
+    mantissa, exp = f"{x:.3e}".split("e")
+    return f"{mantissa}e{int(exp)}"
+
+
 def _usd(x) -> str:
     return "-" if x is None else f"${x:.3g}"
 
@@ -439,9 +451,10 @@ def render_markdown(r: dict) -> str:
         ("KL(teacher \u2016 student), nats/token", "0", _f(s["kl_teacher_student"]), ""),
         (f"forward tokens/s (measured, {st['device']})", f"{t['tokens_per_second']:,.0f}",
          f"{s['tokens_per_second']:,.0f}", f"{ratio['tokens_per_second']:.3g}x"),
-        (f"FLOPs per generated token (context {st['context']})", cost._num(t["flops_per_token"]),
-         cost._num(s["flops_per_token"]), f"{ratio['flops_per_token']:.3g}x"),
-        (f"$ per 1M generated tokens {price}", _usd(t["usd_per_million_tokens"]), _usd(s["usd_per_million_tokens"]), ""),
+        (f"FLOPs per generated token (context {st['context']})", _big(t["flops_per_token"]),
+         _big(s["flops_per_token"]), f"{ratio['flops_per_token']:.3g}x"),
+        (f"$ per 1M generated tokens {price}", _usd(t["usd_per_million_tokens"]),
+         _usd(s["usd_per_million_tokens"]), ""),
     ]  # fmt: skip
     lines = [
         f"# distill eval: `{s['path']}` vs its teacher `{t['path']}`",
@@ -468,7 +481,7 @@ def render_markdown(r: dict) -> str:
         for c in [*r["compared"], {**s, "label": s["path"] + " (this report)"}]:
             lines.append(
                 f"| `{c['label']}` | {_f(c['perplexity'])} | {_f(c.get('top1_agreement'), '.3f')} | "
-                f"{_f(c.get('kl_teacher_student'))} | {cost._num(c['flops_per_token'])} |"
+                f"{_f(c.get('kl_teacher_student'))} | {_big(c['flops_per_token'])} |"
             )
     if r["training"]:
         tr = r["training"]
@@ -483,10 +496,10 @@ def render_markdown(r: dict) -> str:
             c = tr["cost"]
             be = c["breakeven_tokens"]
             lines.append(
-                f"Training compute (teacher forwards + student steps, measured): {cost._num(c['flops'])} FLOPs = "
+                f"Training compute (teacher forwards + student steps, measured): {_big(c['flops'])} FLOPs = "
                 f"{c['pflops_days']:.3g} PFlop/s-days in {c['wall_seconds']:,.0f} s"
                 + (f", {_usd(c['cost_usd'])}" if c["cost_usd"] is not None else "")
-                + (f". The student pays for its training after serving {cost._num(be)} tokens in place of the teacher."
+                + (f". The student pays for its training after serving {_big(be)} tokens in place of the teacher."
                    if be else ". The student is not cheaper per token than the teacher.")
             )  # fmt: skip
     figures = r["files"]
@@ -541,7 +554,7 @@ def render_summary(r: dict, out: Path) -> str:
         f"  {'agreement with teacher':<26}{'1':>14}{s['top1_agreement']:>14.3f}",
         f"  {'KL(teacher||student)':<26}{'0':>14}{s['kl_teacher_student']:>14.4g}",
         f"  {'forward tokens/s':<26}{t['tokens_per_second']:>14,.0f}{s['tokens_per_second']:>14,.0f}",
-        f"  {'FLOPs per token':<26}{cost._num(t['flops_per_token']):>14}{cost._num(s['flops_per_token']):>14}",
+        f"  {'FLOPs per token':<26}{_big(t['flops_per_token']):>14}{_big(s['flops_per_token']):>14}",
         f"  {'$ per 1M tokens':<26}{_usd(t['usd_per_million_tokens']):>14}{_usd(s['usd_per_million_tokens']):>14}",
         f"  report: {out / 'eval_report.md'}",
     ]

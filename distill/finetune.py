@@ -2,24 +2,24 @@
 LoRA adapters (`use_peft: true`) or in full.
 
 Same shape as `distill train` without a teacher: checks cheapest-first, then data, then the model,
-then a plain `transformers.Trainer`. The data pipeline masks prompts and non-assistant turns with
--100, so the model's own cross-entropy (normalised by the Trainer's token count across gradient
-accumulation) is the loss on completion / assistant tokens only, and `eval_loss` is the same loss on
-the held-out split.
+then a `MeteredTrainer`, the `transformers.Trainer` that measures the training FLOPs as `distill
+train` does (cost_report.json and the cost summary). The data pipeline masks prompts and
+non-assistant turns with -100, so the model's own cross-entropy (normalised by the Trainer's token
+count across gradient accumulation) is the loss on completion / assistant tokens only, and
+`eval_loss` is the same loss on the held-out split.
 """
 
 from __future__ import annotations
 
-from transformers import Trainer, TrainingArguments
-
 from distill import adapters
-from distill.config import DataArguments, ModelArguments
+from distill.config import DataArguments, FinetuneConfig, ModelArguments
 from distill.data import Collator, build_datasets
 from distill.models import load_tokenizer, resolve, vocab_sizes_fit
 from distill.recipe import load_recipe, parse
-from distill.train import resume_checkpoint, save_run_files
+from distill.train import evaluation_at_start, resume_checkpoint, save_run_files
+from distill.trainer import MeteredTrainer
 
-ARGUMENTS = (ModelArguments, DataArguments, TrainingArguments)
+ARGUMENTS = (ModelArguments, DataArguments, FinetuneConfig)
 
 
 def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
@@ -38,19 +38,23 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     if config.process_index == 0:
         print(adapters.trainable_parameters(model), flush=True)
 
-    trainer = Trainer(
+    # The "before" evaluation runs inside train(), once the engine has prepared the model: called
+    # before train(), evaluate() would prepare it for evaluation only, and under DDP each process
+    # would then train on its own gradients (see distill.train).
+    config.eval_on_start = eval_data is not None and not resume
+    trainer = MeteredTrainer(
         model=model,
         args=config,
         train_dataset=train_data,
         eval_dataset=eval_data,
         processing_class=tokenizer,
         data_collator=Collator(tokenizer.pad_token_id),
-        callbacks=[],  # job-wide callbacks (e.g. the cost meter) go here
     )
-    before = trainer.evaluate(metric_key_prefix="eval_before") if eval_data is not None and not resume else {}
     train_metrics = trainer.train(resume_from_checkpoint=resume).metrics
+    before = evaluation_at_start(trainer.state.log_history) if config.eval_on_start else {}
     after = trainer.evaluate() if eval_data is not None else {}
     trainer.save_model(config.output_dir)  # the adapter (PEFT format) or the full model, + tokenizer
+    trainer.save_state()  # trainer_state.json: the whole log history, for `distill eval --run-dir`
 
     metrics = {"train": train_metrics, "eval_before": before, "eval": after, "global_step": trainer.state.global_step}
     if trainer.is_world_process_zero():

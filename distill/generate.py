@@ -210,11 +210,18 @@ def complete(
         pad_token_id=tokenizer.pad_token_id,
     )
     stop = eos_ids(model, tokenizer)
+    width = enc["input_ids"].shape[1]
     results = []
-    for row in out[:, enc["input_ids"].shape[1] :].tolist():
+    for prompt, mask, row in zip(enc["input_ids"].tolist(), enc["attention_mask"].tolist(), out[:, width:].tolist()):
         end = next((i for i, t in enumerate(row) if t in stop), None)
         new = row if end is None else row[:end]
-        results.append((tokenizer.decode(new, skip_special_tokens=True), end is not None))
+        # Decoded after its prompt and cut off: decoding the new tokens alone would drop the space a
+        # SentencePiece tokenizer puts before a first word ("\u2581Paris" -> "Paris").
+        prompt = [t for t, m in zip(prompt, mask) if m]
+        before = tokenizer.decode(prompt, skip_special_tokens=True)
+        text = tokenizer.decode(prompt + new, skip_special_tokens=True)
+        completion = text[len(before) :] if text.startswith(before) else tokenizer.decode(new, skip_special_tokens=True)
+        results.append((completion, end is not None))
     return results
 
 

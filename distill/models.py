@@ -106,7 +106,8 @@ def _real_vocab(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
 def vocab_sizes_fit(tokenizer: PreTrainedTokenizerBase, *models) -> None:
     """Every real token id must have a logit in every model; padded extra rows are fine."""
     for model in models:
-        width = model.get_output_embeddings().weight.shape[0]
+        weight = model.get_output_embeddings().weight
+        width = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 leaves a 0-element placeholder
         if width < len(tokenizer):
             raise ValueError(
                 f"{model.name_or_path} has {width} output logits but the tokenizer has {len(tokenizer)} tokens; "

@@ -47,7 +47,7 @@ def place_teacher(teacher: nn.Module, student: nn.Module, accelerator) -> nn.Mod
 
 
 def sharding(accelerator) -> str | None:
-    """ "fsdp2", "fsdp1" or "zero3" when the engine shards parameters, else None (a replica per process)."""
+    """How the engine holds parameters: sharded ("fsdp2", "fsdp1", "zero3") or whole on every process (None)."""
     if accelerator.distributed_type == DistributedType.FSDP:
         return "fsdp2" if accelerator.is_fsdp2 else "fsdp1"
     if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
@@ -83,10 +83,10 @@ def zero3_inference_config(train_config: dict, hidden_size: int) -> dict:
     """The DeepSpeed config of a ZeRO-3 inference engine, derived from the student's training config.
 
     Same ZeRO-3 partitioning, precision and parameter offload, so the teacher is laid out like the
-    student; no optimizer, scheduler, gradient clipping or optimizer offload, since it never steps. The bucket sizes
-    left "auto" are filled from the teacher's hidden size h as transformers fills them for a model
-    it trains: reduce bucket h^2, prefetch bucket 0.9 h^2, parameters under 10 h elements stay
-    gathered.
+    student; no optimizer, scheduler, gradient clipping or optimizer offload, since it never steps.
+    Bucket sizes left "auto" are filled from the teacher's hidden size h as transformers fills them
+    for a model it trains: reduce bucket h^2, prefetch bucket 0.9 h^2, and parameters under 10 h
+    elements stay gathered.
     """
     config = copy.deepcopy(train_config)
     zero = config.setdefault("zero_optimization", {})

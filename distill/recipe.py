@@ -59,10 +59,13 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> dict:
 
 
 def _coerce(value, hint):
-    """Give numeric fields numbers when a recipe wrote them as strings ("3", "0.5")."""
+    """Give numeric fields numbers when a recipe wrote them as strings ("3", "0.5"), and strategy
+    fields their "no" when YAML 1.1 read `save_strategy: no` as False."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is False and bool not in args and str in args and type(None) not in args:
+        return "no"
     if not isinstance(value, str):
         return value
-    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     for kind in (int, float):
         if kind in args:
             try:
@@ -83,7 +86,7 @@ def parse(data: dict, dataclass_types: tuple) -> tuple:
             f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, hints, n=1)) else "")
             for k in unknown
         )
-        raise ValueError(f"unknown recipe key {hint}. See `distill train --help-keys` for the keys.")
+        raise ValueError(f"unknown recipe key {hint}. Run the command with --help-keys to list every key.")
     data = {k: _coerce(v, hints[k]) for k, v in data.items()}
     try:
         return HfArgumentParser(dataclass_types).parse_dict(data)
@@ -98,6 +101,11 @@ def describe(dataclass_types: tuple) -> str:
         lines.append(f"\n[{cls.__name__}]")
         for f in dataclasses.fields(cls):
             if f.init and not f.name.startswith("_"):
-                default = f.default if f.default is not dataclasses.MISSING else "(required)"
+                if f.default is not dataclasses.MISSING:
+                    default = f.default
+                elif f.default_factory is not dataclasses.MISSING:
+                    default = f.default_factory()
+                else:
+                    default = "(required)"
                 lines.append(f"  {f.name} = {default!r}\n      {f.metadata.get('help', '')}")
     return "\n".join(lines)

@@ -43,7 +43,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.chunked import final_hidden_states, output_weight, supports_chunked_loss
+from distill.chunked import (
+    chunked_distillation_loss,
+    chunked_topk_distillation_loss,
+    final_hidden_states,
+    output_weight,
+    supports_chunked_loss,
+)
 from distill.losses import IGNORE_INDEX, TopKTargets, distillation_loss, teacher_topk, topk_distillation_loss
 
 FORMAT = 1
@@ -172,6 +178,11 @@ class CacheSplit:
         self.path, self.examples, self.per_shard = path, examples, examples_per_shard
         self._shards: dict[int, dict] = {}
 
+    def __getstate__(self):
+        # DataLoader workers started by spawn get a pickled copy: reopen the maps there rather than
+        # pickling their contents.
+        return {**self.__dict__, "_shards": {}}
+
     def _shard(self, index: int) -> dict:
         if index not in self._shards:
             where = self.path / f"shard-{index:05d}"
@@ -234,6 +245,12 @@ class TargetsCollator:
 # --- building --------------------------------------------------------------------------------------
 
 
+def _final_hidden(model, inputs: dict) -> torch.Tensor:
+    with final_hidden_states(model) as captured:
+        model(**inputs, logits_to_keep=1)
+    return captured["hidden"]
+
+
 @torch.no_grad()
 def teacher_targets(teacher, batch: dict, k: int, temperature: float, vocab: int, chunk: int = 1024) -> TopKTargets:
     """Top-k targets of every target position of a batch, in row-major order, as fp32 tensors.
@@ -244,9 +261,7 @@ def teacher_targets(teacher, batch: dict, k: int, temperature: float, vocab: int
     target = batch["labels"][:, 1:].ne(IGNORE_INDEX)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if supports_chunked_loss(teacher):
-        with final_hidden_states(teacher) as captured:
-            teacher(**inputs, logits_to_keep=1)
-        rows, weight = captured["hidden"][:, :-1][target], output_weight(teacher)[:vocab]
+        rows, weight = _final_hidden(teacher, inputs)[:, :-1][target], output_weight(teacher)[:vocab]
         logits = (rows[i : i + chunk] @ weight.T for i in range(0, len(rows), chunk))
     else:
         full = teacher(**inputs).logits[:, :-1][target][:, :vocab]
@@ -317,10 +332,17 @@ def loss_error(student, teacher, data, split: CacheSplit, collator, config, voca
         ]
         batch = {key: value.to(device) for key, value in collator(rows).items()}
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        s = student(**inputs).logits.float()
-        full = distillation_loss(s[..., :vocab], teacher(**inputs).logits.float()[..., :vocab], batch["labels"], **kw)
+        labels = batch["labels"]
         targets = TopKTargets(batch["teacher_logprobs"], batch["teacher_ids"], batch["teacher_tail"])
-        topk = topk_distillation_loss(s, targets, batch["labels"], vocab_size=vocab, **kw)
+        if supports_chunked_loss(student) and supports_chunked_loss(teacher):  # no logits-sized tensors
+            h_s, h_t = (_final_hidden(model, inputs) for model in (student, teacher))
+            w_s, w_t = output_weight(student), output_weight(teacher)
+            full = chunked_distillation_loss(h_s, w_s, h_t, w_t, labels, **kw)
+            topk = chunked_topk_distillation_loss(h_s, w_s, targets, labels, vocab_size=vocab, **kw)
+        else:
+            s = student(**inputs).logits.float()
+            full = distillation_loss(s[..., :vocab], teacher(**inputs).logits.float()[..., :vocab], labels, **kw)
+            topk = topk_distillation_loss(s, targets, labels, vocab_size=vocab, **kw)
         n = full.num_tokens.item()
         sums += torch.tensor([n, full.kd.item() * n, full.loss.item() * n, topk.kd.item() * n, topk.loss.item() * n])
     kd_full, loss_full, kd_topk, loss_topk = (sums[1:] / sums[0].clamp(min=1)).tolist()

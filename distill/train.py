@@ -104,6 +104,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     after = trainer.evaluate() if eval_data is not None else {}
     # Student weights (or with use_peft only the adapter, in PEFT's format) + tokenizer.
     trainer.save_model(config.output_dir)
+    trainer.save_state()  # trainer_state.json: the whole log history, for `distill eval --run-dir`
 
     metrics = {"train": train_metrics, "eval_before": before, "eval": after, "global_step": trainer.state.global_step}
     if trainer.is_world_process_zero():

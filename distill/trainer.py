@@ -3,7 +3,8 @@
 It adds only what distillation needs: a frozen teacher placed next to the student, the loss from
 `distill.losses`, and the metrics that tell whether distillation works (`kd_loss`, `ce_loss`, and
 at evaluation top-1 agreement with the teacher). Batching, optimisation, checkpoints, mixed
-precision and multi-GPU stay the Trainer's.
+precision and multi-GPU stay the Trainer's. Its base, `MeteredTrainer`, measures the training
+compute (distill.cost); `distill finetune` trains with that base alone.
 """
 
 from __future__ import annotations
@@ -35,7 +36,42 @@ from distill.losses import (
 from distill.placement import describe, parameter_bytes, place_teacher, sharding
 
 
-class DistillTrainer(Trainer):
+class MeteredTrainer(Trainer):
+    """A `transformers.Trainer` that measures its training compute when `args.measure_cost` is set
+    (see distill.cost): the student's forward + backward of every training step, counted by the
+    CostCallback's FlopMeter, added to each training log and written to cost_report.json at the end.
+    `distill finetune` trains with it as is; DistillTrainer adds the teacher."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.args.measure_cost:
+            self.add_callback(CostCallback(self.args.peak_tflops, self.args.gpu_hour_price))
+
+    @property
+    def cost(self) -> CostCallback | None:
+        # Looked up, not kept: restore_callback_states_from_checkpoint replaces the callback object.
+        return next((cb for cb in self.callback_handler.callbacks if isinstance(cb, CostCallback)), None)
+
+    def _measure(self, role: str, inputs: dict, *extra):
+        cost = self.cost
+        return cost.meter.measure(role, inputs, *extra) if cost else contextlib.nullcontext()
+
+    def _flops_key(self, inputs: dict) -> tuple:
+        """What the student's FLOPs depend on besides the input shapes (FlopMeter.measure's extra)."""
+        return ()
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        extra = self._flops_key(inputs) if self.cost else ()
+        with self._measure("student", inputs, *extra):  # forward + backward; a teacher inside counts apart
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self.cost:
+            logs.update(self.cost.log_metrics())
+        super().log(logs, start_time)
+
+
+class DistillTrainer(MeteredTrainer):
     # compute_loss divides by the step's token count (num_items_in_batch) itself, so the Trainer must
     # not divide by the accumulation steps again.
     loss_is_scaled_for_ga = True
@@ -52,6 +88,8 @@ class DistillTrainer(Trainer):
         self.teacher = self._prepare_teacher(teacher) if teacher is not None else None
         self._targets_vocab = None
         if self.teacher is None:
+            if not self.args.teacher_cache:
+                raise ValueError("DistillTrainer needs a teacher model, or args.teacher_cache with its top-k targets")
             from distill.teacher_cache import TeacherCache
 
             self._targets_vocab = TeacherCache(self.args.teacher_cache).vocab_size
@@ -67,8 +105,6 @@ class DistillTrainer(Trainer):
         self._eval_sums = torch.zeros(4)  # kd*tokens, ce*tokens, agreeing tokens, tokens
         self._last_logged_step = 0
         self._eval_prefix = "eval"
-        if self.args.measure_cost:
-            self.add_callback(CostCallback(self.args.peak_tflops, self.args.gpu_hour_price))
 
     def _prepare_teacher(self, teacher: torch.nn.Module) -> torch.nn.Module:
         teacher = place_teacher(teacher, self.model, self.accelerator)
@@ -95,20 +131,9 @@ class DistillTrainer(Trainer):
                 )
             return captured["hidden"]
 
-    @property
-    def cost(self) -> CostCallback | None:
-        # Looked up, not kept: restore_callback_states_from_checkpoint replaces the callback object.
-        return next((cb for cb in self.callback_handler.callbacks if isinstance(cb, CostCallback)), None)
-
-    def _measure(self, role: str, inputs: dict, *extra):
-        cost = self.cost
-        return cost.meter.measure(role, inputs, *extra) if cost else contextlib.nullcontext()
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
+    def _flops_key(self, inputs: dict) -> tuple:
         # The chunked loss computes the output layers on target rows only: their number sets its FLOPs.
-        extra = (int(inputs["labels"][:, 1:].ne(IGNORE_INDEX).sum()),) if self._chunked and self.cost else ()
-        with self._measure("student", inputs, *extra):  # forward + backward; the teacher inside counts apart
-            return super().training_step(model, inputs, num_items_in_batch)
+        return (int(inputs["labels"][:, 1:].ne(IGNORE_INDEX).sum()),) if self._chunked else ()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out, outputs, agreement = self._distill(model, inputs, num_items_in_batch)
@@ -208,8 +233,6 @@ class DistillTrainer(Trainer):
             )
             logs["kd_loss"] = kd / per
             logs["ce_loss"] = ce / per
-            if self.cost:
-                logs.update(self.cost.log_metrics())
             self._train_sums.zero_()
             self._last_logged_step = self.state.global_step
         super().log(logs, start_time)

@@ -178,6 +178,18 @@ def test_autocast_runs_the_output_layer_in_the_autocast_dtype():
     assert (fp32.loss - got.loss).abs() > 1e-5
 
 
+def test_a_bf16_teacher_runs_its_output_layer_in_bf16():
+    """A teacher loaded in bf16 next to an fp32 student (no autocast): its logits are a bf16 matmul,
+    as its own forward would make them, not an fp32 copy of its weight."""
+    h_s, w_s, h_t, w_t, labels = make_case(hidden_s=64, hidden_t=64)
+    h_t, w_t = h_t.bfloat16(), w_t.bfloat16()
+    ref = distillation_loss(h_s @ w_s.T, (h_t @ w_t.T).float(), labels, temperature=2.0)
+    got = chunked_distillation_loss(h_s, w_s, h_t, w_t, labels, temperature=2.0, chunk_size=4)
+    assert_close(got.loss, ref.loss, 1e-5)
+    fp32_teacher = distillation_loss(h_s @ w_s.T, h_t.float() @ w_t.float().T, labels, temperature=2.0)
+    assert (fp32_teacher.loss - got.loss).abs() > 1e-5  # the check above can tell bf16 from fp32
+
+
 def tiny_llama(**config):
     from transformers import LlamaConfig, LlamaForCausalLM
 

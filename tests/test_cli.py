@@ -43,6 +43,7 @@ def assert_clear(code, err, *needles):
     [
         ({"model_name_or_path": "/nowhere/student"}, ["model path not found", "/nowhere/student"]),
         ({"teacher_model_name_or_path": "./missing-teacher"}, ["model path not found"]),
+        ({"model_name_or_path": "student.gguf"}, ["GGUF file, which cannot be trained"]),
         ({"alpha": 1.5}, ["alpha must be in [0, 1]"]),
         ({"temperature": 0}, ["temperature must be > 0"]),
         ({"loss_type": "kl"}, ["unknown loss_type 'kl'", "forward_kl"]),
@@ -50,7 +51,7 @@ def assert_clear(code, err, *needles):
         ({"dataset": str(DATA / "prompts.jsonl")}, ["none that distill can train on", "prompt"]),
         ({"dataset": None}, ["dataset is required"]),
     ],
-    ids=["student-path", "teacher-path", "alpha", "temperature", "loss-type", "unknown-key", "no-column", "no-dataset"],
+    ids=["student-path", "teacher-path", "gguf-student", "alpha", "temperature", "loss-type", "unknown-key", "no-column", "no-dataset"],
 )
 def test_bad_recipe_gives_one_clear_error(tmp_path, capsys, changes, needles):
     assert_clear(*run_cli(tmp_path, capsys, **changes), *needles)

@@ -100,7 +100,9 @@ def test_parameters_flops_and_dollars_per_token(report, reference):
     for role, path in (("teacher", TEACHER), ("student", STUDENT)):
         m = r[role]
         assert m["parameters"] == sum(p.numel() for p in models[role].parameters())
-        assert m["flops_per_token"] == pytest.approx(cost.model_size(path).forward_flops_per_token(MAX_LENGTH), rel=1e-6)
+        assert m["flops_per_token"] == pytest.approx(
+            cost.model_size(path).forward_flops_per_token(MAX_LENGTH), rel=1e-6
+        )
         hours = 1e6 * m["flops_per_token"] / (PEAK * 1e12 * MFU) / 3600
         assert m["usd_per_million_tokens"] == pytest.approx(hours * PRICE, rel=1e-9)
         assert m["tokens_per_second"] > 0
@@ -142,7 +144,7 @@ def test_report_files_and_plots_are_valid(report):
     assert r["training"]["steps"] == 30 and r["training"]["final"]["eval_agreement"] == pytest.approx(0.3)
 
 
-def test_an_adapter_folder_is_evaluated_as_its_merged_model(tmp_path):
+def test_an_adapter_folder_is_evaluated_as_its_merged_model(tmp_path, report):
     """A LoRA adapter (what `distill finetune` saves with use_peft) is loaded onto its base and merged;
     its numbers equal those of the merged model saved as a plain one."""
     from peft import LoraConfig, get_peft_model
@@ -156,7 +158,7 @@ def test_an_adapter_folder_is_evaluated_as_its_merged_model(tmp_path):
     m = run_eval(tmp_path / "m", str(tmp_path / "merged"), *small)["student"]
     assert a["perplexity"] == pytest.approx(m["perplexity"], rel=1e-5)
     assert a["top1_agreement"] == m["top1_agreement"] and a["parameters"] == m["parameters"]
-    assert a["perplexity"] != pytest.approx(run_eval(tmp_path / "s", STUDENT, *small)["student"]["perplexity"])
+    assert a["perplexity"] != pytest.approx(report[0]["student"]["perplexity"])  # the adapter did change the model
 
 
 def test_bad_run_dir_fails_before_any_model_is_loaded(tmp_path, capsys):
@@ -173,9 +175,9 @@ def test_sequence_level_kd_raises_the_students_agreement_with_the_teacher(tmp_pa
     held_out = {"data": str(DATA / "corpus_eval.jsonl"), "rows": 16}
     before = run_eval(tmp_path / "before", STUDENT, **held_out)["student"]
     data, student = tmp_path / "generated.jsonl", tmp_path / "student"
-    generate.run("recipes/tiny_cpu_generate.yaml", ["--output_file", str(data), "--max_new_tokens", "16"])
-    finetune.run("recipes/tiny_cpu_seqkd.yaml", ["--dataset", str(data), "--output_dir", str(student),
-                 "--max_steps", "60", "--eval_steps", "30", "--save_steps", "60", "--disable_tqdm", "true"])  # fmt: skip
+    generate.run("recipes/tiny_cpu_generate.yaml", ["--output_file", str(data), "--max_new_tokens", "16"])  # all 350
+    shorter = ["--max_steps", "60", "--eval_steps", "30", "--save_steps", "60", "--disable_tqdm", "true"]
+    finetune.run("recipes/tiny_cpu_seqkd.yaml", ["--dataset", str(data), "--output_dir", str(student), *shorter])
     after = run_eval(tmp_path / "after", str(student), "--run-dir", str(student), "--compare",
                      str(tmp_path / "before"), **held_out)  # fmt: skip
     assert after["student"]["top1_agreement"] > before["top1_agreement"] + 0.1

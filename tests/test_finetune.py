@@ -10,13 +10,14 @@ from transformers import AutoModelForCausalLM
 
 from distill import finetune
 from distill.config import DataArguments
+from distill.cost import model_size, training_flops
 from distill.data import Collator, build_datasets
 from distill.models import load_model, load_tokenizer
 
 from conftest import DATA, ROOT, STUDENT, TEACHER
 
 DOMAIN = {"dataset": DATA / "domain_train.jsonl", "eval_dataset": DATA / "domain_eval.jsonl"}
-CHAT = {"dataset": DATA / "chat_train.jsonl", "eval_fraction": 0.2}
+CHAT = {"dataset": DATA / "chat_train.jsonl", "eval_dataset": None, "eval_fraction": 0.2}
 
 
 def write_recipe(path, **changes):
@@ -51,7 +52,7 @@ def test_fine_tuning_lowers_the_held_out_loss_on_the_domain(run):
     assert metrics["global_step"] > 0
 
 
-def test_the_job_writes_the_model_or_adapter_the_recipe_and_the_metrics(run):
+def test_the_job_writes_the_model_or_adapter_the_recipe_the_metrics_and_the_cost(run):
     name, metrics, out = run
     if name.startswith("lora"):
         assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
@@ -61,13 +62,37 @@ def test_the_job_writes_the_model_or_adapter_the_recipe_and_the_metrics(run):
     assert (out / "tokenizer.json").is_file()
     assert "use_peft" in (out / "recipe.yaml").read_text()
     assert json.loads((out / "metrics.json").read_text())["global_step"] == metrics["global_step"]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == metrics["global_step"]
+    cost = json.loads((out / "cost_report.json").read_text())
+    assert cost["flops"]["student"] > 0 and cost["flops"]["teacher"] == 0
+    assert cost["flops"]["total"] == cost["flops"]["student"]
+
+
+def test_the_before_evaluation_is_the_step_0_evaluation_of_the_log(run):
+    """eval_on_start: the "before" numbers are those logged at step 0, inside train()."""
+    _, metrics, out = run
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert history[0]["step"] == 0 and history[0]["eval_loss"] == metrics["eval_before"]["eval_before_loss"]
+
+
+def test_the_measured_flops_of_a_full_fine_tuning_step_are_the_analytic_count(tmp_path):
+    """One step of 16 padded rows: forward + backward = 3 x (2N + 4Lsd) FLOPs per position (distill.cost)."""
+    finetune.run(write_recipe(tmp_path / "r.yaml", use_peft=False, max_steps=1))
+    report = json.loads((tmp_path / "out" / "cost_report.json").read_text())
+    tokens = report["tokens"]
+    assert tokens % 16 == 0
+    analytic = training_flops(model_size(str(STUDENT)), tokens, seq_len=tokens // 16)
+    assert report["flops"]["student"] == pytest.approx(analytic["student"], rel=1e-6)
 
 
 def test_the_summary_is_printed_at_the_end(tmp_path, capsys):
-    finetune.run(write_recipe(tmp_path / "r.yaml", max_steps=2, eval_dataset=None, eval_fraction=0.0))
+    metrics = finetune.run(write_recipe(tmp_path / "r.yaml", max_steps=2))
     out = capsys.readouterr().out
     assert "trainable parameters:" in out and "%)" in out
     assert "distill finetune: done" in out and "steps            2" in out
+    before, after = metrics["eval_before"]["eval_before_loss"], metrics["eval"]["eval_loss"]
+    assert f"held-out loss    before {before:.4f}  after {after:.4f}" in out
+    assert "distill: cost (measured)" in out
     assert "adapter saved to" in out and "distill merge" in out
 
 

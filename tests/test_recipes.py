@@ -5,8 +5,10 @@ import re
 from pathlib import Path
 
 import pytest
+import transformers.training_args
 import yaml
 
+import distill.config
 from distill import finetune, generate, train
 from distill.recipe import parse
 
@@ -37,6 +39,9 @@ def job_of(path: Path):
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_parses_into_its_jobs_config(path, monkeypatch):
     monkeypatch.chdir(ROOT)
+    # GPU recipes (bf16: true) parse here too: whether this machine has bf16 is the launch's check.
+    monkeypatch.setattr(distill.config, "is_torch_bf16_gpu_available", lambda: True)
+    monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: True)
     data = yaml.safe_load(path.read_text())
     parsed = parse(data, job_of(path))
     values = {k: v for obj in parsed for k, v in vars(obj).items()}
@@ -54,3 +59,23 @@ def test_local_paths_in_recipes_exist():
         for key, value in yaml.safe_load(path.read_text()).items():
             if isinstance(value, str) and re.match(r"^(tiny_models|recipes)/", value):
                 assert (ROOT / value).exists(), f"{path.name}: {key}: {value} does not exist"
+
+
+def test_yaml_1_1_quirks_are_read_as_an_ml_config_means_them(tmp_path):
+    """`1e-4` is a number (YAML 1.1 says string) and `save_strategy: no` is "no" (YAML 1.1 says False)."""
+    from distill.recipe import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model_name_or_path: s\nteacher_model_name_or_path: t\ndataset: d.jsonl\n"
+        f"output_dir: {tmp_path}\nlearning_rate: 1e-4\nsave_strategy: no\n"
+    )
+    data = load_recipe(str(recipe), ["--weight_decay", "5e-2", "--eval_strategy=no"])
+    _, _, config = parse(data, train.ARGUMENTS)
+    assert config.learning_rate == 1e-4 and config.weight_decay == 0.05
+    assert config.save_strategy == "no" and config.eval_strategy == "no"
+
+
+def test_unknown_keys_are_refused_with_a_suggestion():
+    with pytest.raises(ValueError, match="unknown recipe key 'lerning_rate' \\(did you mean 'learning_rate'\\?\\)"):
+        parse({"model_name_or_path": "s", "teacher_model_name_or_path": "t", "dataset": "d", "lerning_rate": 1}, train.ARGUMENTS)
