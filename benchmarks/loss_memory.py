@@ -7,9 +7,10 @@ from fp32 hidden states of ``--hidden`` features.
 
 Memory is measured on CPU as the rise of the process's peak resident set (VmHWM, reset through
 /proc/self/clear_refs just before the measured step) over its resident set before the step. That is
-what the operating system had to supply, allocator slack included: the quantity that runs out.
-(torch's CPU memory profiler counts only its own allocations, and would miss nothing here, but
-gives events to replay rather than a peak.) Two columns: ``extra`` is the whole rise, ``overhead``
+what the operating system had to supply: the quantity that runs out. (torch's CPU memory profiler
+counts only its own allocations, and would miss nothing here, but gives events to replay rather than
+a peak.) glibc's mmap threshold is fixed at 64 KiB in the cases' processes (see ENV) so that freed
+tensors leave the resident set at once, as they would leave a GPU's allocated memory. Two columns: ``extra`` is the whole rise, ``overhead``
 subtracts the gradients both paths must return (``W_S.grad`` and ``h_S.grad``), i.e. what the
 loss itself costs. Goals use ``overhead``, in units of one fp32 logits tensor (tokens x vocab x 4).
 
@@ -164,7 +165,7 @@ def measure(path, tokens, vocab, args) -> dict:
             run_tokens //= 2
     cmd = [sys.executable, __file__, "--one", path, str(run_tokens), str(vocab)]
     cmd += ["--hidden", str(args.hidden), "--repeats", str(args.repeats), "--loss-type", args.loss_type]
-    out = subprocess.run(cmd, check=False, capture_output=True, text=True, env=os.environ | {"PYTHONPATH": ROOT})
+    out = subprocess.run(cmd, check=False, capture_output=True, text=True, env=ENV)
     if out.returncode != 0:
         raise RuntimeError(f"{path} {tokens}x{vocab} failed:\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -178,6 +179,10 @@ def measure(path, tokens, vocab, args) -> dict:
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# glibc keeps freed blocks under its adaptive mmap threshold (up to 32 MB) in the heap, where the
+# resident set still counts them; a fixed 64 KiB threshold returns every tensor-sized block on free,
+# so the peak resident set follows the peak of live memory rather than the allocator's history.
+ENV = os.environ | {"PYTHONPATH": ROOT, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def main() -> None:
@@ -232,9 +237,7 @@ def main() -> None:
         print("\nwhole KD step, random-init teacher 8x512 / student 4x256, vocab 32000, batch 4x256:")
         for path in ("reference", "chunked"):
             cmd = [sys.executable, __file__, "--one-step", path, "--repeats", str(args.repeats)]
-            out = subprocess.run(
-                cmd, check=False, capture_output=True, text=True, env=os.environ | {"PYTHONPATH": ROOT}
-            )
+            out = subprocess.run(cmd, check=False, capture_output=True, text=True, env=ENV)
             if out.returncode != 0:
                 raise RuntimeError(f"step {path} failed:\n{out.stderr[-3000:]}")
             step[path] = json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,19 +1,22 @@
 """The offline teacher cache: built once, resumable, refused when it does not match, and training
 from it loads no teacher and sees the teacher's targets."""
 
+import copy
 import json
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import DATA, STUDENT, TEACHER
 
 from distill import teacher_cache, train
 from distill.cli import main
+from distill.config import DataArguments, DistillConfig
+from distill.data import Collator, build_datasets
 from distill.losses import IGNORE_INDEX, teacher_topk
-from distill.models import load_model
-
-from conftest import DATA, STUDENT, TEACHER
+from distill.models import load_model, load_tokenizer
+from distill.trainer import DistillTrainer
 
 K = 8
 SHARD = 4  # examples per shard: the small data below makes several shards
@@ -56,12 +59,8 @@ def built(tmp_path_factory):
 def test_cache_holds_the_teachers_topk_targets_of_every_target_position(built):
     """Round trip: the stored targets are teacher_topk of the teacher's logits at each example's
     target positions, at the recipe's temperature, on the shared vocabulary."""
-    tmp, manifest, path = built
+    _, manifest, path = built
     assert manifest["complete"] and manifest["vocab_size"] == 902  # the student's width, < the teacher's 960
-    from distill.config import DataArguments
-    from distill.data import build_datasets
-    from distill.models import load_tokenizer
-
     data, _ = build_datasets(
         DataArguments(dataset=str(DATA / "corpus_train.jsonl"), eval_dataset=str(DATA / "corpus_eval.jsonl"),
                       max_length=32, max_train_samples=14, max_eval_samples=5),
@@ -82,7 +81,7 @@ def test_cache_holds_the_teachers_topk_targets_of_every_target_position(built):
 
 
 def test_build_reports_bytes_per_token_and_the_loss_error(built):
-    tmp, manifest, path = built
+    tmp, manifest, _ = built
     rows = sum(s["rows"] for s in manifest["splits"].values())
     on_disk = sum(f.stat().st_size for f in (tmp / "cache").glob("*/shard-*/*.npy"))
     assert manifest["bytes_per_token"] == pytest.approx(on_disk / rows)
@@ -184,21 +183,10 @@ def test_training_from_the_cache_loads_no_teacher(tmp_path, built, monkeypatch):
 def test_training_on_full_vocabulary_targets_equals_training_with_the_teacher(tmp_path, chunked):
     """With k = the shared vocabulary the cache *is* the teacher: same loss and student gradients
     as the trainer that runs the teacher, on the chunked and on the reference path."""
-    import copy
-
-    from distill.config import DistillConfig
-    from distill.trainer import DistillTrainer
-
     _, path = teacher_cache.build(recipe(tmp_path, teacher_top_k=902, max_train_samples=3, max_eval_samples=1))
     cache = teacher_cache.TeacherCache(path)
-    from distill.data import Collator
-
     collator = teacher_cache.TargetsCollator(Collator(0), cache.k)
     split = cache.split("train")
-    from distill.config import DataArguments
-    from distill.data import build_datasets
-    from distill.models import load_tokenizer
-
     data, _ = build_datasets(
         DataArguments(dataset=str(DATA / "corpus_train.jsonl"), max_length=32, max_train_samples=3, eval_fraction=0),
         load_tokenizer(STUDENT),
