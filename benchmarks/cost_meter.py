@@ -33,9 +33,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distill.config import DistillConfig
-from distill.cost import model_size, training_flops
-from distill.trainer import DistillTrainer
+from distill.config import DistillConfig  # noqa: E402
+from distill.cost import model_size, training_flops  # noqa: E402
+from distill.trainer import DistillTrainer  # noqa: E402
 
 
 def llama(layers, hidden, inter, vocab, heads, kv_heads, tie=False, seed=0):

@@ -45,7 +45,12 @@ def llama(layers, hidden, vocab, seed):
 
 def setups(only):
     if only in (None, "tiny"):
-        yield "tiny", load_model(str(ROOT / "tiny_models/teacher")), load_model(str(ROOT / "tiny_models/student")), (16, 128)
+        yield (
+            "tiny",
+            load_model(str(ROOT / "tiny_models/teacher")),
+            load_model(str(ROOT / "tiny_models/student")),
+            (16, 128),
+        )
     if only in (None, "large"):
         yield "large (8x512 -> 4x256, V=32000)", llama(8, 512, 32000, 0), llama(4, 256, 32000, 1), (4, 256)
 
@@ -119,7 +124,9 @@ def main():
             f"{r['distill_step_s']:>12.4f}s {r['ratio']:>7.3f}"
         )
     path = "reference" if args.reference else "chunked (default)"
-    print(f"loss path={path} threads={torch.get_num_threads()} torch={torch.__version__}  target ratio <= 1.15, limit 1.0")
+    print(
+        f"loss path={path} threads={torch.get_num_threads()} torch={torch.__version__}  target ratio <= 1.15, limit 1.0"
+    )
     print(json.dumps({"benchmark": "step_overhead", "loss_path": path, "results": rows}))
 
 

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 
-def _train(args, rest):
-    from distill import train
-
+def _recipe_job(args, rest):
+    """train, finetune, generate: a recipe (+ --key value overrides) into the job module's `run`."""
+    job = importlib.import_module(f"distill.{args.module}")
     if args.help_keys:
         from distill.recipe import describe
 
-        print(describe(train.ARGUMENTS))
+        print(describe(job.ARGUMENTS))
         return
-    train.run(args.recipe, rest)
+    job.run(args.recipe, rest)
+
+
+def _no_extra(rest):
+    if rest:
+        raise ValueError(f"unrecognized arguments: {' '.join(rest)}")
 
 
 def _cache_teacher(args, rest):
@@ -23,60 +29,39 @@ def _cache_teacher(args, rest):
     print(teacher_cache.summary(*teacher_cache.build(args.recipe, rest)))
 
 
-def _finetune(args, rest):
-    from distill import finetune
-
-    if args.help_keys:
-        from distill.recipe import describe
-
-        print(describe(finetune.ARGUMENTS))
-        return
-    finetune.run(args.recipe, rest)
-
-
 def _merge(args, rest):
     from distill import adapters
 
-    if rest:
-        raise ValueError(f"unrecognized arguments: {' '.join(rest)}")
+    _no_extra(rest)
     print(adapters.merge(args.adapter, args.output, args.base, args.dtype))
-
-
-def _generate(args, rest):
-    from distill import generate
-
-    if args.help_keys:
-        from distill.recipe import describe
-
-        print(describe(generate.ARGUMENTS))
-        return
-    generate.run(args.recipe, rest)
 
 
 def _eval(args, rest):
     from distill import evaluate
 
-    if rest:
-        raise ValueError(f"unrecognized arguments: {' '.join(rest)}")
+    _no_extra(rest)
     evaluate.run(args)
 
 
 def _cost(args, rest):
     from distill import cost
 
-    if rest:
-        raise ValueError(f"unrecognized arguments: {' '.join(rest)}")
+    _no_extra(rest)
     print(cost.command(args))
+
+
+def _recipe_parser(sub, name: str, module: str, help: str) -> None:
+    p = sub.add_parser(name, help=help)
+    p.add_argument("recipe", nargs="?", help="recipe YAML; then any --key value overrides")
+    p.add_argument("--help-keys", action="store_true", help="list every recipe key with its default and help")
+    p.set_defaults(func=_recipe_job, module=module)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description="Distill a teacher LM into a student, then adapt it.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="distill a teacher into a student from a recipe")
-    p.add_argument("recipe", nargs="?", help="recipe YAML; then any --key value overrides")
-    p.add_argument("--help-keys", action="store_true", help="list every recipe key with its default and help")
-    p.set_defaults(func=_train)
+    _recipe_parser(sub, "train", "train", "distill a teacher into a student from a recipe")
 
     p = sub.add_parser("cache-teacher", help="run the teacher once and store its top-k targets for `teacher_cache`")
     p.add_argument(
@@ -84,10 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cache_teacher)
 
-    p = sub.add_parser("finetune", help="fine-tune a (distilled) model on domain data, with LoRA or in full")
-    p.add_argument("recipe", nargs="?", help="recipe YAML; then any --key value overrides")
-    p.add_argument("--help-keys", action="store_true", help="list every recipe key with its default and help")
-    p.set_defaults(func=_finetune)
+    _recipe_parser(sub, "finetune", "finetune", "fine-tune a (distilled) model on domain data, with LoRA or in full")
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base: a full model plain transformers loads")
     p.add_argument("adapter", help="folder with adapter_config.json + adapter_model.safetensors (a use_peft run)")
@@ -96,10 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="dtype to merge and save in (float32)")
     p.set_defaults(func=_merge)
 
-    p = sub.add_parser("generate", help="write the teacher's completions for a prompt file (sequence-level KD data)")
-    p.add_argument("recipe", nargs="?", help="recipe YAML; then any --key value overrides")
-    p.add_argument("--help-keys", action="store_true", help="list every recipe key with its default and help")
-    p.set_defaults(func=_generate)
+    _recipe_parser(
+        sub, "generate", "generate", "write the teacher's completions for a prompt file (sequence-level KD data)"
+    )
 
     p = sub.add_parser("eval", help="teacher vs student on held-out data: quality, speed and cost, with plots")
     p.add_argument("--teacher", required=True, help="teacher: model dir, .gguf file or hub id")

@@ -16,7 +16,7 @@ from distill.config import DataArguments, FinetuneConfig, ModelArguments
 from distill.data import Collator, build_datasets
 from distill.models import load_tokenizer, resolve, vocab_sizes_fit
 from distill.recipe import load_recipe, parse
-from distill.train import evaluation_at_start, resume_checkpoint, save_run_files
+from distill.train import resume_checkpoint, train_and_save
 from distill.trainer import MeteredTrainer
 
 ARGUMENTS = (ModelArguments, DataArguments, FinetuneConfig)
@@ -50,17 +50,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         processing_class=tokenizer,
         data_collator=Collator(tokenizer.pad_token_id),
     )
-    train_metrics = trainer.train(resume_from_checkpoint=resume).metrics
-    before = evaluation_at_start(trainer.state.log_history) if config.eval_on_start else {}
-    after = trainer.evaluate() if eval_data is not None else {}
-    trainer.save_model(config.output_dir)  # the adapter (PEFT format) or the full model, + tokenizer
-    trainer.save_state()  # trainer_state.json: the whole log history, for `distill eval --run-dir`
-
-    metrics = {"train": train_metrics, "eval_before": before, "eval": after, "global_step": trainer.state.global_step}
-    if trainer.is_world_process_zero():
-        save_run_files(config.output_dir, recipe, metrics)
-        print(summary(trainer, metrics, config.output_dir))
-    return metrics
+    return train_and_save(trainer, recipe, resume, summary)
 
 
 def summary(trainer, metrics: dict, output_dir: str) -> str:

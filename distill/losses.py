@@ -62,9 +62,7 @@ def token_divergence(
     if loss_type == "reverse_kl" or (loss_type == "jsd" and beta == 1.0):
         return _kl(log_s, log_t)
     # log M = logsumexp(log beta + log p_T, log(1 - beta) + log p_S): stays finite where p is tiny.
-    log_m = torch.logsumexp(
-        torch.stack([log_t + math.log(beta), log_s + math.log(1.0 - beta)]), dim=0
-    )
+    log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log(1.0 - beta)]), dim=0)
     return beta * _kl(log_t, log_m) + (1.0 - beta) * _kl(log_s, log_m)
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
-
 # YAML 1.1 reads `1e-4` (no dot) as a string; every ML config means the number.
 _SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 

@@ -99,17 +99,24 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         processing_class=tokenizer,
         data_collator=collator,
     )
+    return train_and_save(trainer, recipe, resume, summary)
+
+
+def train_and_save(trainer, recipe: dict, resume: str | None, summarize) -> dict:
+    """Train (the "before" evaluation is step 0's, via eval_on_start), evaluate, and write the model
+    (or, with use_peft, only the adapter in PEFT's format) + tokenizer, trainer_state.json (the whole
+    log history, for `distill eval --run-dir`), recipe.yaml and metrics.json."""
+    config = trainer.args
     train_metrics = trainer.train(resume_from_checkpoint=resume).metrics
     before = evaluation_at_start(trainer.state.log_history) if config.eval_on_start else {}
-    after = trainer.evaluate() if eval_data is not None else {}
-    # Student weights (or with use_peft only the adapter, in PEFT's format) + tokenizer.
+    after = trainer.evaluate() if trainer.eval_dataset is not None else {}
     trainer.save_model(config.output_dir)
-    trainer.save_state()  # trainer_state.json: the whole log history, for `distill eval --run-dir`
+    trainer.save_state()
 
     metrics = {"train": train_metrics, "eval_before": before, "eval": after, "global_step": trainer.state.global_step}
     if trainer.is_world_process_zero():
         save_run_files(config.output_dir, recipe, metrics)
-        print(summary(trainer, metrics, config.output_dir))
+        print(summarize(trainer, metrics, config.output_dir))
     return metrics
 
 

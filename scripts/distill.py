@@ -1,7 +1,7 @@
 """Distill a teacher into a student: the same job as `distill train`, for `accelerate launch`.
 
-    python scripts/distill.py recipes/tiny_cpu.yaml [--key value ...]
-    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml scripts/distill.py RECIPE.yaml
+python scripts/distill.py recipes/tiny_cpu.yaml [--key value ...]
+accelerate launch --config_file recipes/accelerate/multi_gpu.yaml scripts/distill.py RECIPE.yaml
 """
 
 import sys

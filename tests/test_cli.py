@@ -52,7 +52,17 @@ def assert_clear(code, err, *needles):
         ({"dataset": str(DATA / "prompts.jsonl")}, ["none that distill can train on", "prompt"]),
         ({"dataset": None}, ["dataset is required"]),
     ],
-    ids=["student-path", "teacher-path", "gguf-student", "alpha", "temperature", "loss-type", "unknown-key", "no-column", "no-dataset"],
+    ids=[
+        "student-path",
+        "teacher-path",
+        "gguf-student",
+        "alpha",
+        "temperature",
+        "loss-type",
+        "unknown-key",
+        "no-column",
+        "no-dataset",
+    ],
 )
 def test_bad_recipe_gives_one_clear_error(tmp_path, capsys, changes, needles):
     assert_clear(*run_cli(tmp_path, capsys, **changes), *needles)
@@ -85,7 +95,10 @@ def test_the_script_entry_point_reports_errors_without_traceback(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("".join(f"{k}: {v}\n" for k, v in {**BASE, "alpha": -1}.items()))
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "distill.py"), str(recipe)], capture_output=True, text=True, cwd=tmp_path
+        [sys.executable, str(ROOT / "scripts" / "distill.py"), str(recipe)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert proc.returncode == 2
     assert "alpha must be in [0, 1]" in proc.stderr and "Traceback" not in proc.stderr

@@ -6,8 +6,8 @@ import re
 import datasets
 import pytest
 
-from distill.data import Collator, build_datasets, detect_format, load_rows, tokenize
 from distill.config import DataArguments
+from distill.data import Collator, build_datasets, detect_format, load_rows, tokenize
 from distill.losses import IGNORE_INDEX
 from distill.models import load_tokenizer
 

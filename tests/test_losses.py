@@ -43,7 +43,12 @@ def batch(vocab_s=50, vocab_t=50, b=3, n=7, seed=0):
     return s, t, labels
 
 
-CASES = [(lt, temp, beta) for lt in LOSS_TYPES for temp in (1.0, 2.5) for beta in ((0.1, 0.5, 0.9) if lt == "jsd" else (0.5,))]
+CASES = [
+    (lt, temp, beta)
+    for lt in LOSS_TYPES
+    for temp in (1.0, 2.5)
+    for beta in ((0.1, 0.5, 0.9) if lt == "jsd" else (0.5,))
+]
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -152,7 +157,9 @@ def test_gradient_accumulation_1x8_equals_2x4_with_uneven_padding():
 
     head.zero_grad()
     for part in (slice(0, 4), slice(4, 8)):
-        distillation_loss(head(x[part]), teacher[part], labels[part], alpha=0.5, num_items_in_batch=total).loss.backward()
+        distillation_loss(
+            head(x[part]), teacher[part], labels[part], alpha=0.5, num_items_in_batch=total
+        ).loss.backward()
     torch.testing.assert_close(head.weight.grad, full, atol=1e-7, rtol=1e-6)
 
     # The naive per-micro-batch mean is what this guards against: it differs here.

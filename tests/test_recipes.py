@@ -78,4 +78,7 @@ def test_yaml_1_1_quirks_are_read_as_an_ml_config_means_them(tmp_path):
 
 def test_unknown_keys_are_refused_with_a_suggestion():
     with pytest.raises(ValueError, match="unknown recipe key 'lerning_rate' \\(did you mean 'learning_rate'\\?\\)"):
-        parse({"model_name_or_path": "s", "teacher_model_name_or_path": "t", "dataset": "d", "lerning_rate": 1}, train.ARGUMENTS)
+        parse(
+            {"model_name_or_path": "s", "teacher_model_name_or_path": "t", "dataset": "d", "lerning_rate": 1},
+            train.ARGUMENTS,
+        )

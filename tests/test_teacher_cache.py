@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import DATA, STUDENT, TEACHER
 
 from distill import teacher_cache, train
 from distill.cli import main
@@ -17,6 +16,8 @@ from distill.data import Collator, build_datasets
 from distill.losses import IGNORE_INDEX, teacher_topk
 from distill.models import load_model, load_tokenizer
 from distill.trainer import DistillTrainer
+
+from conftest import DATA, STUDENT, TEACHER
 
 K = 8
 SHARD = 4  # examples per shard: the small data below makes several shards

@@ -2,7 +2,6 @@
 
 import json
 
-import datasets
 import pytest
 import torch
 
@@ -109,7 +108,9 @@ def test_evaluation_reports_kd_ce_and_agreement(trained):
         assert key in metrics
     assert 0.0 <= metrics["eval_agreement"] <= 1.0
     # A teacher evaluated against itself agrees everywhere and has zero divergence.
-    twin = make_trainer(trainer.args, (None, trainer.eval_dataset), trainer.processing_class, student=load_model(TEACHER))
+    twin = make_trainer(
+        trainer.args, (None, trainer.eval_dataset), trainer.processing_class, student=load_model(TEACHER)
+    )
     self_metrics = twin.evaluate()
     assert self_metrics["eval_agreement"] == 1.0 and self_metrics["eval_kd_loss"] < 1e-6
 
