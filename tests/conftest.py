@@ -11,8 +11,29 @@ DATA = TINY / "data"
 
 sys.path.insert(0, str(Path(__file__).parent))  # lets tests import these names: `from conftest import ...`
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 # The tests run tiny models, where thread hand-offs cost more than they save, and CI's 2 cores are
 # shared with the odd subprocess test: one thread is faster and keeps results reproducible.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The tiny student's (= the teacher's) tokenizer, through distill's own loader."""
+    from distill.models import load_tokenizer
+
+    return load_tokenizer(STUDENT)
+
+
+class StopAt(TrainerCallback):
+    """Ends training after `step`, as a killed job would (after its last checkpoint)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True

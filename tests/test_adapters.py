@@ -15,7 +15,6 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     Qwen2Config,
-    TrainerCallback,
     set_seed,
 )
 from transformers.pytorch_utils import Conv1D
@@ -24,10 +23,10 @@ from distill import adapters
 from distill.cli import main
 from distill.config import DataArguments, DistillConfig, ModelArguments
 from distill.data import Collator, build_datasets
-from distill.models import load_model, load_tokenizer
+from distill.models import load_model
 from distill.trainer import DistillTrainer
 
-from conftest import DATA, STUDENT, TEACHER
+from conftest import DATA, STUDENT, TEACHER, StopAt
 
 
 def lora_args(**overrides):
@@ -44,11 +43,6 @@ def distill_config(out, **overrides):
     )  # fmt: skip
     values.update(overrides)
     return DistillConfig(**values)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(STUDENT)
 
 
 @pytest.fixture(scope="module")
@@ -169,17 +163,6 @@ def test_all_linear_adapts_every_linear_layer_except_the_output_head(family):
     wrapped.train()(input_ids=ids, labels=ids).loss.backward()
     for name, p in wrapped.named_parameters():
         assert (p.grad is not None) == is_adapter_weight(name), name
-
-
-class StopAt(TrainerCallback):
-    """Ends training after `step`, as a killed job would (after its last checkpoint)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def test_resuming_an_interrupted_lora_run_ends_with_the_uninterrupted_runs_adapter(tmp_path, corpus, tokenizer):

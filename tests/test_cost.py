@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, default_data_collator
+from transformers import LlamaConfig, LlamaForCausalLM, default_data_collator
 
 from distill import cli
 from distill.config import DistillConfig
@@ -19,6 +19,8 @@ from distill.cost import (
 )
 from distill.flops import FlopMeter
 from distill.trainer import DistillTrainer
+
+from conftest import StopAt
 
 GPT3 = ModelSize("GPT-3", 174.6e9)
 
@@ -171,15 +173,6 @@ def test_cost_command_reports_user_errors(capsys, argv, message):
 
 # ---------------------------------------------------------------------------------------------------
 # The callback inside a real DistillTrainer run.
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def train(output_dir, max_steps=4, resume=None, stop_at=None, **config):

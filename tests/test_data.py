@@ -9,14 +9,6 @@ import pytest
 from distill.config import DataArguments
 from distill.data import Collator, build_datasets, detect_format, load_rows, tokenize
 from distill.losses import IGNORE_INDEX
-from distill.models import load_tokenizer
-
-from conftest import STUDENT
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(STUDENT)
 
 
 def test_text_is_packed_into_full_blocks_with_eos_at_the_seams(tokenizer):

@@ -8,7 +8,7 @@ import torch
 from distill import train
 from distill.config import DataArguments, DistillConfig
 from distill.data import Collator, build_datasets
-from distill.models import load_model, load_tokenizer
+from distill.models import load_model
 from distill.trainer import DistillTrainer
 
 from conftest import DATA, STUDENT, TEACHER
@@ -33,11 +33,6 @@ def config(tmp_path, **overrides):
     )
     values.update(overrides)
     return DistillConfig(**values)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(STUDENT)
 
 
 @pytest.fixture(scope="module")
