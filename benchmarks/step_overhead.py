@@ -1,6 +1,6 @@
 """How much does distillation cost on top of the two forward/backward passes it cannot avoid?
 
-    python benchmarks/step_overhead.py [--steps 12] [--only tiny|large]
+    python benchmarks/step_overhead.py [--steps 12] [--only tiny|large] [--reference] [--cuda]
 
 For each setup it times, alternating in one process so drift hits all equally:
   teacher : teacher forward (no grad)
@@ -8,7 +8,9 @@ For each setup it times, alternating in one process so drift hits all equally:
   distill : one DistillTrainer.training_step (teacher forward, student forward, KD + CE loss,
             backward) + the same optimizer step
 and reports ratio = median(distill) / (median(teacher) + median(student)). 1.0 is the physical
-limit; the target is <= 1.15. Prints a table and a one-line JSON.
+limit; the target is <= 1.15. With --cuda it runs on the GPU in bf16 mixed precision (the student's
+baseline step under the same autocast) and adds the distillation step's MFU: its measured model FLOPs
+(distill.flops) per second over the GPU's dense bf16 peak. Prints a table and a one-line JSON.
 """
 
 from __future__ import annotations
@@ -25,10 +27,13 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 CHUNKED = "--reference" not in sys.argv
+CUDA = "--cuda" in sys.argv
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from distill.config import DistillConfig  # noqa: E402
+from distill.cost import detect_accelerator  # noqa: E402
+from distill.flops import FlopMeter  # noqa: E402
 from distill.models import load_model  # noqa: E402
 from distill.trainer import DistillTrainer  # noqa: E402
 
@@ -56,8 +61,12 @@ def setups(only):
 
 
 def timed(fn):
+    if CUDA:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
+    if CUDA:
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -65,13 +74,18 @@ def bench(name, teacher, student, shape, steps):
     batch, seq = shape
     vocab = student.config.vocab_size
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, vocab, (batch, seq), generator=g)
+    device = "cuda" if CUDA else "cpu"
+    ids = torch.randint(3, vocab, (batch, seq), generator=g).to(device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=CUDA)
     with tempfile.TemporaryDirectory() as out:
         args = DistillConfig(
-            output_dir=out, teacher_model_name_or_path="unused", use_cpu=True, report_to="none", alpha=0.5,
-            temperature=2.0, learning_rate=1e-4, disable_tqdm=True, chunked_loss=CHUNKED,
+            output_dir=out, teacher_model_name_or_path="unused", use_cpu=not CUDA, bf16=CUDA, report_to="none",
+            alpha=0.5, temperature=2.0, learning_rate=1e-4, disable_tqdm=True, chunked_loss=CHUNKED,
+            measure_cost=False,
         )  # fmt: skip
+        if CUDA:  # the teacher in bf16, as teacher_dtype: auto gives it under bf16: true
+            teacher = teacher.to(device, torch.bfloat16)
         trainer = DistillTrainer(model=student, teacher=teacher, args=args)
         trainer.create_optimizer_and_scheduler(num_training_steps=10 * steps)
         opt = trainer.optimizer
@@ -83,7 +97,9 @@ def bench(name, teacher, student, shape, steps):
 
         def student_step():
             student.train()
-            student(**inputs).loss.backward()
+            with autocast:
+                loss = student(**inputs).loss
+            loss.backward()
             opt.step()
             opt.zero_grad()
 
@@ -94,12 +110,17 @@ def bench(name, teacher, student, shape, steps):
 
         for fn in (teacher_fwd, student_step, distill_step):  # warm-up: allocator, kernels, optimizer state
             fn()
+        meter = FlopMeter()
+        with meter.measure("distill", inputs):
+            distill_step()
         times = {"teacher": [], "student": [], "distill": []}
         for _ in range(steps):
             times["teacher"].append(timed(teacher_fwd))
             times["student"].append(timed(student_step))
             times["distill"].append(timed(distill_step))
     med = {k: statistics.median(v) for k, v in times.items()}
+    found = detect_accelerator()
+    peak = found[1] if found else None
     return {
         "setup": name,
         "batch": f"{batch}x{seq}",
@@ -107,6 +128,8 @@ def bench(name, teacher, student, shape, steps):
         "student_step_s": med["student"],
         "distill_step_s": med["distill"],
         "ratio": med["distill"] / (med["teacher"] + med["student"]),
+        "distill_step_flops": meter.total,
+        "mfu": meter.total / med["distill"] / (peak * 1e12) if peak else None,
     }
 
 
@@ -115,15 +138,19 @@ def main():
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--only", choices=["tiny", "large"])
     parser.add_argument("--reference", action="store_true", help="time the reference (full-logits) loss path")
+    parser.add_argument("--cuda", action="store_true", help="run on the GPU in bf16 mixed precision, with MFU")
     args = parser.parse_args()
     rows = [bench(name, t, s, shape, args.steps) for name, t, s, shape in setups(args.only)]
-    print(f"\n{'setup':34} {'batch':>8} {'teacher fwd':>12} {'student step':>13} {'distill step':>13} {'ratio':>7}")
+    print(
+        f"\n{'setup':34} {'batch':>8} {'teacher fwd':>12} {'student step':>13} {'distill step':>13} {'ratio':>7} {'MFU':>7}"
+    )
     for r in rows:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         print(
             f"{r['setup']:34} {r['batch']:>8} {r['teacher_fwd_s']:>11.4f}s {r['student_step_s']:>12.4f}s "
-            f"{r['distill_step_s']:>12.4f}s {r['ratio']:>7.3f}"
+            f"{r['distill_step_s']:>12.4f}s {r['ratio']:>7.3f} {mfu:>7}"
         )
-    path = "reference" if args.reference else "chunked (default)"
+    path = ("reference" if args.reference else "chunked (default)") + (", cuda bf16" if CUDA else ", cpu fp32")
     print(
         f"loss path={path} threads={torch.get_num_threads()} torch={torch.__version__}  target ratio <= 1.15, limit 1.0"
     )

@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 from transformers.pytorch_utils import Conv1D
 
 from distill.config import ModelArguments
+from distill.errors import UserError
 from distill.models import _hub_error, load_model, load_tokenizer, resolve, torch_dtype
 
 ALL_LINEAR = "all-linear"
@@ -43,7 +44,7 @@ def check(args: ModelArguments, training) -> None:
     """Everything about the adapter settings a user can get wrong, before any weight is read."""
     path = Path(args.model_name_or_path).expanduser()
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        raise ValueError(
+        raise UserError(
             f"{args.model_name_or_path} holds a LoRA adapter, not a full model: fold it into its base first "
             f"(distill merge {args.model_name_or_path} --output DIR) and give DIR as model_name_or_path"
         )
@@ -61,7 +62,7 @@ def check_qlora_can_run(use_cpu: bool) -> None:
     if importlib.util.find_spec("bitsandbytes") is None:
         missing.append("bitsandbytes is not installed (pip install bitsandbytes)")
     if missing:
-        raise ValueError(
+        raise UserError(
             f"load_in_4bit (QLoRA) needs a CUDA GPU and the bitsandbytes package, but {' and '.join(missing)}. "
             "Drop load_in_4bit to train plain LoRA on the full-precision base."
         )
@@ -83,7 +84,7 @@ def check_targets(args: ModelArguments) -> None:
             wrapped = get_peft_model(skeleton, lora_config(args))
         except ValueError as err:
             linear = {n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, (torch.nn.Linear, Conv1D))}
-            raise ValueError(
+            raise UserError(
                 f"lora_target_modules {args.lora_target_modules} does not fit {kind}: {err} "
                 f"Its linear layers are named: {', '.join(sorted(linear))} (or use all-linear)."
             ) from err
@@ -91,7 +92,7 @@ def check_targets(args: ModelArguments) -> None:
     for name in args.lora_modules_to_save or []:
         if not any(n.endswith(name) for n in saved):  # PEFT matched by name suffix; did it match this one?
             named = sorted({n.rsplit(".", 1)[-1] for n in modules if n and not n[-1].isdigit()})
-            raise ValueError(
+            raise UserError(
                 f"lora_modules_to_save: {name!r} names no module of {kind}, whose modules are: {', '.join(named)}"
             )
 
@@ -143,15 +144,15 @@ def merge(adapter_dir: str, output_dir: str, base: str | None = None, dtype: str
     model (with the tokenizer) that `AutoModelForCausalLM.from_pretrained` loads without peft."""
     adapter = Path(adapter_dir)
     if not (adapter / "adapter_config.json").is_file():
-        raise ValueError(f"{adapter_dir} holds no adapter_config.json: give the folder a use_peft run saved")
+        raise UserError(f"{adapter_dir} holds no adapter_config.json: give the folder a use_peft run saved")
     if Path(output_dir).resolve() == adapter.resolve():
-        raise ValueError("--output must differ from the adapter folder: the merged model is a separate folder")
+        raise UserError("--output must differ from the adapter folder: the merged model is a separate folder")
     if base is None:
         base = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
         try:
             resolve(base)
-        except ValueError as err:
-            raise ValueError(f"the base model named in adapter_config.json: {err}; pass --base PATH") from err
+        except UserError as err:
+            raise UserError(f"the base model named in adapter_config.json: {err}; pass --base PATH") from err
     model = PeftModel.from_pretrained(load_model(base, dtype), adapter_dir).merge_and_unload()
     model.save_pretrained(output_dir)
     # The run saved its tokenizer next to the adapter; an adapter from elsewhere may rely on the base's.

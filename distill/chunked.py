@@ -10,22 +10,19 @@ what comes *before* the output layer::
 over chunks of rows, so that at most one chunk of logits (and a few temporaries of its size) lives
 at a time: the extra peak is O(chunk x vocab) instead of O(tokens x vocab).
 
-The gradient of each chunk's loss with respect to its logits has a closed form (below), so it is
-computed in the forward pass, right after the chunk's loss, and turned at once into the gradients
-of ``h_S`` (tokens x hidden) and ``W_S`` (vocab x hidden). Backward only scales them by the incoming
-gradient. Nothing of size tokens x vocab is ever stored, and, unlike recomputing each chunk in
-backward, the teacher's and student's output matmuls run once, as in the reference path.
+The gradient of each chunk's loss with respect to its logits has a closed form
+(:func:`distill.losses.divergence_and_grad_` for the divergence, ``softmax(s) - onehot(y)`` for the
+cross-entropy, ``dD/ds = dD/da / T`` with ``a = s / T``), so it is computed in the forward pass,
+right after the chunk's loss, and turned at once into the gradients of ``h_S`` (tokens x hidden) and
+``W_S`` (vocab x hidden). Backward only scales them by the incoming gradient. Nothing of size tokens
+x vocab is ever stored, and, unlike recomputing each chunk in backward, the teacher's and student's
+output matmuls run once, as in the reference path.
 
-Gradients with respect to the student logits ``s`` (with ``a = s / T``, ``p_S = softmax(a)``,
-``p_T = softmax(t / T)``, ``D`` the per-token divergence; the loss uses ``T^2 D``)::
-
-    forward KL   dD/da = p_S - p_T
-    reverse KL   dD/da = p_S * (log p_S - log p_T - D)
-    JSD(beta)    dD/da = (1 - beta) p_S * (log p_S - log M - KL(p_S || M))
-    CE           dCE/ds = softmax(s) - onehot(y)
-
-(the reverse-KL and JSD lines are the softmax Jacobian applied to dD/dp_S = log p_S - log p_T + 1 and
-(1 - beta)(log p_S - log M)), and ``dD/ds = dD/da / T``.
+Precision: the two gradients are kept in fp32 (or float64) and *unnormalised* until backward. A
+gradient divided by the step's token count (1e5 and more) and cast to fp16 in the forward would
+underflow before the loss scale of fp16 training (GradScaler, DeepSpeed: 2^16) arrives in backward;
+kept this way, backward multiplies by the scale first and casts to the parameters' dtype last, as
+the reference path's autograd does.
 
 Only target positions (label != -100 after the causal shift) are gathered and computed; the others
 contribute nothing to the reference loss either. Conventions (shift, masks, fp32 log-space, T^2,
@@ -43,7 +40,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from distill.losses import IGNORE_INDEX, LOSS_TYPES, DistillationLoss, TopKTargets
+from distill.losses import IGNORE_INDEX, DistillationLoss, TopKTargets, _check_loss_type, divergence_and_grad_
 
 # Default rows per chunk: an eighth of the target tokens, so that the chunk's ~4 logits-sized
 # buffers stay under one full logits tensor, and at most 1024, enough rows that the output-layer
@@ -132,6 +129,7 @@ def chunked_distillation_loss(
     beta: float = 0.5,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> DistillationLoss:
     """:func:`distill.losses.distillation_loss` of ``student_hidden @ student_weight.T`` and
     ``teacher_hidden @ teacher_weight.T``, without materialising either.
@@ -144,6 +142,9 @@ def chunked_distillation_loss(
         teacher_hidden, teacher_weight: the same for the teacher; never differentiated.
         labels: ``(batch, seq)``, unshifted, -100 where a position is not a target.
         chunk_size: target tokens per chunk; default ``min(1024, ceil(targets / 8))``.
+        compute_dtype: dtype of the output-layer matmuls: the run's mixed-precision dtype (bf16,
+            fp16). ``None``: the autocast dtype if autocast is on, else ``student_hidden``'s dtype.
+            The softmaxes and divergences always run in fp32 (float64 for float64 inputs).
 
     The vocabularies may differ in padding: the loss uses the first ``min(vocab_S, vocab_T)`` ids,
     as :func:`distill.losses.shared_vocab` does.
@@ -153,7 +154,8 @@ def chunked_distillation_loss(
     with torch.no_grad():
         teacher = (teacher_hidden[:, :-1][target], teacher_weight.detach())
     return _run(student_hidden, student_weight, teacher, labels, target, vocab, alpha=alpha, temperature=temperature,
-                loss_type=loss_type, beta=beta, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size)  # fmt: skip
+                loss_type=loss_type, beta=beta, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
+                compute_dtype=compute_dtype)  # fmt: skip
 
 
 def chunked_topk_distillation_loss(
@@ -169,16 +171,17 @@ def chunked_topk_distillation_loss(
     num_items_in_batch: int | torch.Tensor | None = None,
     vocab_size: int | None = None,
     chunk_size: int | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> DistillationLoss:
     """:func:`distill.losses.topk_distillation_loss` of ``student_hidden @ student_weight.T``,
     without materialising the student's logits. Arguments as there and in
     :func:`chunked_distillation_loss`.
 
-    For the top-k gradient, write ``b(v)`` for the outcome id ``v`` falls in (itself if it is one
-    of the teacher's ids, else the tail) and ``P_S(b)``, ``P_T(b)`` for the bucket masses. Then
-    ``dD/da_v = p_S(v) * c(b(v))`` with, per bucket, ``c = 1 - P_T / P_S`` (forward KL),
-    ``log P_S - log P_T - D`` (reverse KL), ``(1 - beta)(log P_S - log M - KL(P_S || M))`` (JSD):
-    the full-vocabulary formulas above, in which every id is its own bucket.
+    The divergence and its gradient are those of the k + 1 buckets (the teacher's ids, then the
+    tail), spread back over the vocabulary: writing ``b(v)`` for the bucket of id ``v`` and ``P_S(b)``
+    for the student's bucket masses, ``dD/da_v = p_S(v) / P_S(b(v)) * dD/dA_b(v)``, where ``dD/dA`` is
+    :func:`distill.losses.divergence_and_grad_`'s gradient on the buckets (``A_b = log P_S(b)``).
+    On a teacher id the ratio is 1; on the tail it is ``exp(log p_S(v) - log P_S(tail))``.
     """
     vocab = vocab_size or student_weight.shape[0]
     if vocab > student_weight.shape[0]:
@@ -186,16 +189,16 @@ def chunked_topk_distillation_loss(
     target = labels[:, 1:].ne(IGNORE_INDEX)
     teacher = TopKTargets(*(x[:, :-1][target] for x in targets))
     return _run(student_hidden, student_weight, teacher, labels, target, vocab, alpha=alpha, temperature=temperature,
-                loss_type=loss_type, beta=beta, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size)  # fmt: skip
+                loss_type=loss_type, beta=beta, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
+                compute_dtype=compute_dtype)  # fmt: skip
 
 
 def _run(
     student_hidden, student_weight, teacher, labels, target, vocab, *,
-    alpha, temperature, loss_type, beta, num_items_in_batch, chunk_size,
+    alpha, temperature, loss_type, beta, num_items_in_batch, chunk_size, compute_dtype,
 ) -> DistillationLoss:  # fmt: skip
     """Shared front of both losses: gather target rows, normalise, pick dtypes, call the Function."""
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+    _check_loss_type(loss_type)
     # Gather the target rows before anything vocabulary-sized: padding and prompt positions cost
     # nothing. Indexing keeps the autograd link to student_hidden (its backward scatters).
     h_s = student_hidden[:, :-1][target]
@@ -206,14 +209,16 @@ def _run(
     denom = torch.as_tensor(denom, device=h_s.device, dtype=torch.promote_types(h_s.dtype, torch.float32))
     denom = denom.clamp(min=1)
 
-    # Under autocast (Trainer's bf16/fp16) the output layer would run in the autocast dtype; do the
-    # same, explicitly, because the custom function's forward would otherwise mix dtypes.
+    # The output layer runs in the run's mixed-precision dtype. Under autocast it would anyway; the
+    # custom Function's forward would otherwise mix dtypes, so the choice is explicit.
     device_type = h_s.device.type
     autocast = torch.is_autocast_enabled(device_type)
-    compute_dtype = torch.get_autocast_dtype(device_type) if autocast else h_s.dtype
-    # The teacher's output layer runs in its own dtype (or the autocast one), as its forward would:
-    # no full-precision copy of its weight.
-    teacher_dtype = compute_dtype if autocast or isinstance(teacher, TopKTargets) else teacher[1].dtype
+    if compute_dtype is None:
+        compute_dtype = torch.get_autocast_dtype(device_type) if autocast else h_s.dtype
+    mixed = autocast or compute_dtype != h_s.dtype
+    # The teacher's output layer runs in its own dtype (or the mixed-precision one), as its forward
+    # would: no full-precision copy of its weight.
+    teacher_dtype = compute_dtype if mixed or isinstance(teacher, TopKTargets) else teacher[1].dtype
     loss, kd, ce = _ChunkedKD.apply(
         h_s, student_weight, teacher, y, denom, vocab, chunk_size, (compute_dtype, teacher_dtype),
         torch.is_grad_enabled(), alpha, temperature, loss_type, beta,
@@ -229,52 +234,26 @@ class _ChunkedKD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_s, w_s, teacher, y, denom, vocab, chunk_size, dtypes, grad_enabled, *loss_args):
-        compute_dtype, teacher_dtype = dtypes
         need_h = grad_enabled and h_s.requires_grad
         need_w = grad_enabled and w_s.requires_grad
-        alpha, temperature, loss_type, beta = loss_args
         with torch.autocast(device_type=h_s.device.type, enabled=False):
-            ws = w_s[:vocab].to(compute_dtype)
-            if not isinstance(teacher, TopKTargets):
-                h_t, wt = teacher[0], teacher[1][:vocab].to(teacher_dtype)
-            grad_h = torch.empty_like(h_s) if need_h else None
-            # Accumulate the weight gradient over chunks in at least fp32: summing many
-            # bf16-rounded partial products would lose what a single matmul keeps.
-            acc_dtype = torch.promote_types(w_s.dtype, torch.float32)
-            grad_w = w_s.new_zeros(w_s.shape, dtype=acc_dtype) if need_w else None
-            # The loss math runs in fp32 (float64 for float64 inputs, which the tests use).
-            math_dtype = torch.promote_types(compute_dtype, torch.float32)
-            kd_sum = h_s.new_zeros((), dtype=math_dtype)
-            ce_sum = h_s.new_zeros((), dtype=math_dtype)
-            for start in range(0, h_s.shape[0], chunk_size):
-                rows = slice(start, start + chunk_size)
-                hs = h_s[rows].to(compute_dtype)
-                if isinstance(teacher, TopKTargets):
-                    t = TopKTargets(*(x[rows] for x in teacher))
-                else:  # made inside _chunk once the student's logits are consumed: one buffer less
-                    t = partial(_logits, h_t[rows], wt, teacher_dtype, math_dtype)
-                # The logits are passed, not named here (nor packed in a *args tuple), so that _chunk
-                # can free them as soon as it is done with them.
-                kd_c, ce_c, g, scale = _chunk(_logits(hs, ws, compute_dtype, math_dtype), t, y[rows],
-                                              need_h or need_w, alpha, temperature, loss_type, beta)  # fmt: skip
-                kd_sum += kd_c
-                ce_sum += ce_c
-                if g is None:
-                    continue
-                g = g.mul_(scale / denom).to(compute_dtype)
-                if need_h:
-                    grad_h[rows] = g @ ws
-                if need_w and acc_dtype == compute_dtype:
-                    grad_w[:vocab].addmm_(g.T, hs)
-                elif need_w:
-                    grad_w[:vocab] += g.T @ hs
-                del g  # before the next chunk allocates its own
+            kd_sum, ce_sum, grad_h, grad_w = _chunks(h_s, w_s, teacher, y, vocab, chunk_size, dtypes, need_h, need_w,
+                                                     *loss_args)  # fmt: skip
+            if dtypes[0] == torch.float16 and not all(g is None or bool(g.isfinite().all()) for g in (grad_h, grad_w)):
+                # An fp16 matmul output overflowed (a frequent token's weight gradient summed over a
+                # chunk of rows can pass 65504): redo this step's head in fp32 rather than hand the
+                # loss scaler an inf it cannot cure by lowering its scale.
+                fp32 = (torch.float32, torch.float32)
+                kd_sum, ce_sum, grad_h, grad_w = _chunks(h_s, w_s, teacher, y, vocab, chunk_size, fp32, need_h, need_w,
+                                                         *loss_args)  # fmt: skip
+        alpha, temperature = loss_args[:2]
         kd = kd_sum * temperature**2 / denom
         ce = ce_sum / denom
         loss = alpha * kd + (1.0 - alpha) * ce
         # Kept on ctx, not saved tensors: backward scales them in place instead of allocating a
-        # second weight-sized gradient.
-        ctx.grads = (grad_h, grad_w.to(w_s.dtype) if need_w else None)
+        # second weight-sized gradient. Unnormalised and in fp32 until then (see the module doc).
+        ctx.grads = (grad_h, grad_w)
+        ctx.denom, ctx.dtypes = denom, (h_s.dtype, w_s.dtype)
         ctx.mark_non_differentiable(kd, ce)
         return loss, kd, ce
 
@@ -283,26 +262,71 @@ class _ChunkedKD(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("the chunked distillation loss supports a single backward pass")
         grads, ctx.grads = ctx.grads, None
-        grad_h, grad_w = (g.mul_(grad_loss) if g is not None else None for g in grads)
+        # The incoming gradient (with a loss scale, 2^16 under fp16) multiplies first, in fp32; the
+        # cast to the parameter's dtype comes last.
+        scale = grad_loss.to(ctx.denom.dtype) / ctx.denom
+        grad_h, grad_w = (
+            g.mul_(scale).to(dtype) if g is not None else None for g, dtype in zip(grads, ctx.dtypes, strict=True)
+        )
         return (grad_h, grad_w) + (None,) * 11
+
+
+def _chunks(h_s, w_s, teacher, y, vocab, chunk_size, dtypes, need_h, need_w, alpha, temperature, loss_type, beta):
+    """(sum of divergence, sum of CE, d(sum)/dh_S, d(sum)/dW_S) over all rows, a chunk at a time.
+
+    The gradients are of the *sums* (the caller divides by the step's token count) and in at least
+    fp32: summing many low-precision partial products would lose what a single matmul keeps.
+    """
+    compute_dtype, teacher_dtype = dtypes
+    acc_dtype = torch.promote_types(compute_dtype, torch.float32)
+    # The loss math runs in fp32 (float64 for float64 inputs, which the tests use).
+    math_dtype = acc_dtype
+    ws = w_s[:vocab].to(compute_dtype)
+    if not isinstance(teacher, TopKTargets):
+        h_t, wt = teacher[0], teacher[1][:vocab].to(teacher_dtype)
+    grad_h = h_s.new_empty(h_s.shape, dtype=acc_dtype) if need_h else None
+    grad_w = w_s.new_zeros(w_s.shape, dtype=acc_dtype) if need_w else None
+    kd_sum = h_s.new_zeros((), dtype=math_dtype)
+    ce_sum = h_s.new_zeros((), dtype=math_dtype)
+    for start in range(0, h_s.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        hs = h_s[rows].to(compute_dtype)
+        if isinstance(teacher, TopKTargets):
+            t = TopKTargets(*(x[rows] for x in teacher))
+        else:  # made inside _chunk once the student's logits are consumed: one buffer less
+            t = partial(_logits, h_t[rows], wt, teacher_dtype, math_dtype)
+        # The logits are passed, not named here (nor packed in a *args tuple), so that _chunk can
+        # free them as soon as it is done with them.
+        kd_c, ce_c, g, scale = _chunk(_logits(hs, ws, compute_dtype, math_dtype), t, y[rows],
+                                      need_h or need_w, alpha, temperature, loss_type, beta)  # fmt: skip
+        kd_sum += kd_c
+        ce_sum += ce_c
+        if g is None:
+            continue
+        # Entries of g are O(1) (differences of probabilities): in range for every dtype, and small
+        # ones survive the cast as well as they do in the reference path.
+        g = g.mul_(scale).to(compute_dtype)
+        if need_h:
+            grad_h[rows] = g @ ws
+        if need_w and acc_dtype == compute_dtype:
+            grad_w[:vocab].addmm_(g.T, hs)
+        elif need_w:
+            grad_w[:vocab] += g.T @ hs
+        del g  # before the next chunk allocates its own
+    return kd_sum, ce_sum, grad_h, grad_w
 
 
 def _logits(h, w, compute_dtype, math_dtype):
     return (h.to(compute_dtype) @ w.T).to(math_dtype)
 
 
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum(a * b, -1) as a batched matmul: no temporary of a's size."""
-    return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
-
-
 def _chunk(s, t, y, need_grad, alpha, temperature, loss_type, beta):
     """(sum of divergence, sum of CE, gradient, its scale) over one chunk's target rows.
 
     ``s``: student logits (fp32); ``t``: a callable making the teacher's logits for the same rows,
-    or their top-k targets. ``scale * gradient`` is d(alpha T^2 div + (1 - alpha) CE)/ds; the scale is applied by
-    the caller together with the 1/denominator, to spare a pass over the chunk. Logits-sized
-    buffers are reused in place and dropped as soon as possible: a chunk holds about four.
+    or their top-k targets. ``scale * gradient`` is d(alpha T^2 div + (1 - alpha) CE)/ds; the scale is
+    applied by the caller, to spare a pass over the chunk. Logits-sized buffers are reused in place
+    and dropped as soon as possible: a chunk holds about four.
     """
     T = temperature
     log_s1 = torch.log_softmax(s, -1)  # CE is at T = 1 whatever T is
@@ -320,54 +344,23 @@ def _chunk(s, t, y, need_grad, alpha, temperature, loss_type, beta):
         g = torch.zeros_like(log_s)
     del log_s1
     # the KD term is alpha T^2 D and da/ds = 1/T, so it adds alpha T dD/da
-    kd_g, kd_scale = (g, alpha * T / scale) if alpha > 0.0 else (None, 0.0)
+    kd_scale = alpha * T / scale if g is not None and alpha > 0.0 else 0.0
     if isinstance(t, TopKTargets):
-        div = _topk_divergence_(log_s, t, kd_g, kd_scale, loss_type, beta)
+        div = _topk_divergence_(log_s, t, g, kd_scale, loss_type, beta)
     else:
         t = t()
         log_t = torch.log_softmax(t.div_(T) if T != 1.0 else t, -1)
         del t
-        div = _divergence_(log_s, log_t, kd_g, kd_scale, loss_type, beta)
+        div, grad = divergence_and_grad_(log_s, log_t, loss_type, beta)
+        del log_t
+        if kd_scale:
+            g.add_(grad, alpha=kd_scale)
+        div = div.sum()
     return div, ce, g, scale
 
 
-def _divergence_(log_s, log_t, g, scale, loss_type, beta):
-    """Sum over rows of D(p_T, p_S); adds ``scale * dD/da`` to ``g`` unless it is None.
-
-    Overwrites ``log_s`` and ``log_t``. ``p * (log p - log q)`` needs no "0 log 0" guard here:
-    logits from a matmul are finite, so a probability that underflows to 0 multiplies a finite
-    difference.
-    """
-    if loss_type == "forward_kl" or (loss_type == "jsd" and beta == 0.0):
-        p_t = log_t.exp()
-        div = _rowdot(p_t, log_t.sub_(log_s)).sum()
-        if g is not None:
-            g.add_(log_s.exp_().sub_(p_t), alpha=scale)  # p_S - p_T
-        return div
-    if loss_type == "reverse_kl" or (loss_type == "jsd" and beta == 1.0):
-        p_s = log_s.exp()
-        diff = log_s.sub_(log_t)  # log p_S - log p_T
-        kl = _rowdot(p_s, diff)
-        if g is not None:
-            g.add_(diff.sub_(kl[:, None]).mul_(p_s), alpha=scale)
-        return kl.sum()
-    # log M = logaddexp(log beta + log p_T, log(1 - beta) + log p_S): finite where p is tiny.
-    log_m = log_t + math.log(beta)
-    torch.logaddexp(log_m, log_s + math.log(1.0 - beta), out=log_m)
-    p_t = log_t.exp()
-    div_t = _rowdot(p_t, log_t.sub_(log_m)).sum()
-    del p_t, log_t
-    p_s = log_s.exp()
-    diff = log_s.sub_(log_m)  # log p_S - log M
-    del log_m
-    kl_s = _rowdot(p_s, diff)
-    if g is not None:
-        g.add_(diff.sub_(kl_s[:, None]).mul_(p_s), alpha=scale * (1.0 - beta))
-    return beta * div_t + (1.0 - beta) * kl_s.sum()
-
-
 def _topk_divergence_(log_s, targets, g, scale, loss_type, beta):
-    """Sum over rows of the top-k bucket divergence; adds ``scale * dD/da`` to ``g`` unless None.
+    """Sum over rows of the top-k bucket divergence; adds ``scale * dD/da`` to ``g`` if scale != 0.
 
     The bucket vectors are only (rows, k + 1); the one vocabulary-sized step is the student's tail.
     Overwrites ``log_s``.
@@ -378,53 +371,24 @@ def _topk_divergence_(log_s, targets, g, scale, loss_type, beta):
     has_tail = k < log_s.shape[1]
     if has_tail:
         tail_only = log_s.scatter_(1, ids, float("-inf"))  # log p_S on the ids outside the top k
-        log_p = torch.cat([log_s_k, tail_only.logsumexp(1, keepdim=True)], 1)
+        log_tail = tail_only.logsumexp(1, keepdim=True)
+        log_p = torch.cat([log_s_k, log_tail], 1)
         log_q = torch.cat([targets.logprobs, targets.tail[:, None]], 1).to(log_p.dtype)
     else:
         log_p, log_q = log_s_k, targets.logprobs.to(log_s_k.dtype)
-    p, q = log_p.exp(), log_q.exp()
-    if loss_type == "forward_kl" or (loss_type == "jsd" and beta == 0.0):
-        per_row = (q * (log_q - log_p)).sum(1)
-        c = 1.0 - (log_q - log_p).exp()
-    elif loss_type == "reverse_kl" or (loss_type == "jsd" and beta == 1.0):
-        per_row = (p * (log_p - log_q)).sum(1)
-        c = log_p - log_q - per_row[:, None]
-    else:
-        log_m = torch.logaddexp(log_q + math.log(beta), log_p + math.log(1.0 - beta))
-        kl_s = (p * (log_p - log_m)).sum(1)
-        per_row = beta * (q * (log_q - log_m)).sum(1) + (1.0 - beta) * kl_s
-        c = (1.0 - beta) * (log_p - log_m - kl_s[:, None])
-    if g is not None:
-        # dD/da_v = p_S(v) c(b(v)): on the top-k ids p_S(v) is the bucket mass itself.
-        g.scatter_add_(1, ids, (p[:, :k] * c[:, :k]).mul_(scale))
-        if has_tail:
-            g.add_(tail_only.exp_().mul_(c[:, k:]), alpha=scale)
-    return per_row.sum()
+    div, grad = divergence_and_grad_(log_p, log_q, loss_type, beta)
+    if scale:
+        g.scatter_add_(1, ids, grad[:, :k].mul_(scale))
+        if has_tail:  # p_S(v) / P_S(tail), in log space: finite even where P_S(tail) underflows
+            g.add_(tail_only.sub_(log_tail).exp_().mul_(grad[:, k:]), alpha=scale)
+    return div.sum()
 
 
 @torch.no_grad()
-def chunked_top1_agreement(student_hidden, student_weight, teacher, labels, vocab_size=None, chunk_size=None):
-    """(matches, tokens): how often the student's argmax equals the teacher's on target positions,
-    as :func:`distill.losses.top1_agreement`, a chunk of rows at a time.
-
-    ``teacher`` is ``(teacher_hidden, teacher_weight)`` or :class:`TopKTargets` (whose first id is
-    the teacher's argmax). ``vocab_size`` as in :func:`chunked_topk_distillation_loss`.
-    """
-    target = labels[:, 1:].ne(IGNORE_INDEX)
-    h_s = student_hidden[:, :-1][target]
-    if isinstance(teacher, TopKTargets):
-        vocab = vocab_size or student_weight.shape[0]
-        teacher_top1 = teacher.ids[:, :-1][target][:, 0].long()
-    else:
-        vocab = min(student_weight.shape[0], teacher[1].shape[0])
-        h_t = teacher[0][:, :-1][target]
-        w_t = teacher[1][:vocab].to(h_t.dtype)
-    w_s = student_weight[:vocab].to(h_s.dtype)
-    chunk_size = chunk_size or MAX_CHUNK_ROWS
-    matches = torch.zeros((), dtype=torch.long, device=h_s.device)
-    for start in range(0, h_s.shape[0], chunk_size):
-        rows = slice(start, start + chunk_size)
-        s_top1 = (h_s[rows] @ w_s.T).argmax(-1)
-        t_top1 = teacher_top1[rows] if isinstance(teacher, TopKTargets) else (h_t[rows] @ w_t.T).argmax(-1)
-        matches += s_top1.eq(t_top1).sum()
-    return matches, target.sum()
+def top1_rows(hidden: torch.Tensor, weight: torch.Tensor, vocab: int | None = None, chunk_size: int = MAX_CHUNK_ROWS):
+    """``(hidden @ weight[:vocab].T).argmax(-1)``, a chunk of rows at a time: the model's most likely
+    next token at every position, without its full logits."""
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    w = weight[:vocab].to(rows.dtype)
+    top1 = torch.cat([(rows[i : i + chunk_size] @ w.T).argmax(-1) for i in range(0, len(rows), chunk_size)])
+    return top1.view(hidden.shape[:-1])

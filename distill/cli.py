@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from distill.errors import NonFiniteError, UserError
+
 
 def _recipe_job(args, rest):
     """train, finetune, generate: a recipe (+ --key value overrides) into the job module's `run`."""
@@ -20,7 +22,7 @@ def _recipe_job(args, rest):
 
 def _no_extra(rest):
     if rest:
-        raise ValueError(f"unrecognized arguments: {' '.join(rest)}")
+        raise UserError(f"unrecognized arguments: {' '.join(rest)}")
 
 
 def _cache_teacher(args, rest):
@@ -128,11 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.command} needs a recipe file: distill {args.command} RECIPE.yaml [--key value ...]")
     try:
         args.func(args, rest)
-    except ValueError as err:
-        # Errors a user can cause are ValueErrors with a message that says what to fix; a traceback
-        # would bury it. Anything else is a bug and keeps its traceback.
+    except UserError as err:
+        # The message says what to fix; a traceback would bury it. Anything else, ValueError included,
+        # is a bug in distill and keeps its traceback, so that it is never shown as the user's mistake.
         print(f"distill {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteError as err:
+        print(f"distill {args.command}: stopped: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

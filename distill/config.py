@@ -5,7 +5,7 @@
 - `DistillConfig`: `transformers.TrainingArguments` plus what distillation adds (teacher, alpha, T, ...).
 - `FinetuneConfig`: `transformers.TrainingArguments` for `distill finetune`.
 
-Both training configs carry `CostArguments`, the settings of the cost meter.
+Both training configs carry `RunArguments`: the settings of the cost meter and `overwrite_output_dir`.
 
 Every field carries its help text; `__post_init__` checks what a user can get wrong, so a bad
 recipe fails in milliseconds rather than after the models have loaded.
@@ -13,12 +13,16 @@ recipe fails in milliseconds rather than after the models have loaded.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import TrainingArguments
 from transformers.utils import is_torch_bf16_gpu_available
 
+from distill.errors import UserError
 from distill.losses import LOSS_TYPES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -40,12 +44,12 @@ def check_bf16_hardware() -> None:
             "run on a GPU with bf16 (A100, H100, L4, RTX 30xx or newer), set use_cpu: true to train in bf16 on "
             "the CPU (slow), or drop bf16 to train in float32"
         )
-    raise ValueError(f"bf16: true needs bfloat16 support and this machine has {found}: {fix}")
+    raise UserError(f"bf16: true needs bfloat16 support and this machine has {found}: {fix}")
 
 
 def _check_dtype(name: str, value: str) -> None:
     if value not in DTYPES:
-        raise ValueError(f"{name}={value!r} is not a dtype distill knows; use one of {', '.join(DTYPES)}")
+        raise UserError(f"{name}={value!r} is not a dtype distill knows; use one of {', '.join(DTYPES)}")
 
 
 @dataclass
@@ -112,10 +116,10 @@ class ModelArguments:
 
     def __post_init__(self):
         if not self.model_name_or_path:
-            raise ValueError("model_name_or_path is required: the hub id or local path of the student model")
+            raise UserError("model_name_or_path is required: the hub id or local path of the student model")
         if self.model_name_or_path.endswith(".gguf"):
             # transformers marks GGUF-loaded models as quantized and Trainer refuses to train those.
-            raise ValueError(
+            raise UserError(
                 f"model_name_or_path={self.model_name_or_path} is a GGUF file, which cannot be trained; load it "
                 "once with AutoModelForCausalLM.from_pretrained(dir, gguf_file=...) and save_pretrained it"
             )
@@ -125,21 +129,21 @@ class ModelArguments:
         if isinstance(self.lora_modules_to_save, str):
             self.lora_modules_to_save = [self.lora_modules_to_save]
         if self.lora_r <= 0:
-            raise ValueError(f"lora_r must be a positive integer (the adapter rank), got {self.lora_r}")
+            raise UserError(f"lora_r must be a positive integer (the adapter rank), got {self.lora_r}")
         if self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be > 0 (the scale is lora_alpha / lora_r), got {self.lora_alpha}")
+            raise UserError(f"lora_alpha must be > 0 (the scale is lora_alpha / lora_r), got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+            raise UserError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not self.lora_target_modules:
-            raise ValueError("lora_target_modules is empty: name the modules to adapt, or use all-linear")
+            raise UserError("lora_target_modules is empty: name the modules to adapt, or use all-linear")
         if "all-linear" in self.lora_target_modules and len(self.lora_target_modules) > 1:
-            raise ValueError(
+            raise UserError(
                 f"lora_target_modules {self.lora_target_modules}: all-linear stands alone; to train other modules "
                 "in full (embeddings, head), list them in lora_modules_to_save"
             )
         for name in ("use_dora", "load_in_4bit"):
             if getattr(self, name) and not self.use_peft:
-                raise ValueError(f"{name}: true only applies to LoRA adapters; set use_peft: true as well")
+                raise UserError(f"{name}: true only applies to LoRA adapters; set use_peft: true as well")
 
 
 @dataclass
@@ -176,17 +180,18 @@ class DataArguments:
 
     def __post_init__(self):
         if not self.dataset:
-            raise ValueError("dataset is required: a local data file/directory or a hub dataset name")
+            raise UserError("dataset is required: a local data file/directory or a hub dataset name")
         if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+            raise UserError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.max_length < 2:
-            raise ValueError(f"max_length must be at least 2 tokens, got {self.max_length}")
+            raise UserError(f"max_length must be at least 2 tokens, got {self.max_length}")
 
 
 @dataclass
-class CostArguments:
-    """The cost meter's settings (distill.cost.CostCallback). A mixin: list it before TrainingArguments,
-    whose `__post_init__` its own hands on to."""
+class RunArguments:
+    """What `distill train` and `distill finetune` add to TrainingArguments alike: the cost meter's
+    settings (distill.cost.CostCallback) and what may happen to an existing output_dir. A mixin: list
+    it before TrainingArguments, whose `__post_init__` its own hands on to."""
 
     measure_cost: bool = field(
         default=True,
@@ -206,22 +211,81 @@ class CostArguments:
     gpu_hour_price: float | None = field(
         default=None, metadata={"help": "$ per device-hour, for the dollar figure of cost_report.json."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow a new run into an output_dir that already holds a finished model, adapter or "
+            "metrics.json, replacing them. Unset, such a run is refused (resume_from_checkpoint continues one)."
+        },
+    )
 
     def __post_init__(self):
         if self.peak_tflops is not None and not self.peak_tflops > 0:
-            raise ValueError(f"peak_tflops must be > 0 (TFLOP/s of one device), got {self.peak_tflops}")
+            raise UserError(f"peak_tflops must be > 0 (TFLOP/s of one device), got {self.peak_tflops}")
         if self.gpu_hour_price is not None and self.gpu_hour_price < 0:
-            raise ValueError(f"gpu_hour_price must be >= 0 ($ per device-hour), got {self.gpu_hour_price}")
+            raise UserError(f"gpu_hour_price must be >= 0 ($ per device-hour), got {self.gpu_hour_price}")
+        # The Trainer divides by it (ZeroDivisionError at 0) and a negative count trains nothing.
+        if self.gradient_accumulation_steps < 1:
+            raise UserError(
+                f"gradient_accumulation_steps must be a whole number >= 1 (micro-batches per optimizer step), "
+                f"got {self.gradient_accumulation_steps}"
+            )
         super().__post_init__()
 
+    def check_output_dir(self, resuming: bool) -> None:
+        """Refuse an output_dir this run could not write, or whose finished run it would overwrite.
+        A job calls it before loading models; a TrainingArguments made in code is not checked."""
+        out = Path(self.output_dir)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"output_dir {out} is a file, not a directory: give a folder path for the run's outputs")
+        finished = _finished_run(out)
+        if finished and not (resuming or self.overwrite_output_dir):
+            raise UserError(
+                f"output_dir {out} already holds a finished run ({finished}): choose another output_dir, "
+                "set overwrite_output_dir: true to replace it, or resume_from_checkpoint: true to continue it"
+            )
+        _check_writable(out)
+
+
+def _finished_run(out: Path) -> str | None:
+    """What in ``out`` says a run finished there: its saved model, adapter or metrics."""
+    if (out / "config.json").is_file() and any(out.glob("model*.safetensors*")):
+        return "config.json and model weights"
+    for name in ("adapter_config.json", "metrics.json"):
+        if (out / name).is_file():
+            return name
+    return None
+
+
+def _check_writable(out: Path) -> None:
+    """Create and remove a file where the run will write. Permission bits alone do not say it (root
+    ignores them; read-only mounts and /proc refuse anyway), and the failure would otherwise come at
+    the first checkpoint, after the models have loaded and trained."""
+    where = out
+    while not where.exists():  # output_dir itself is made later, by the Trainer
+        if where.parent == where:
+            break
+        where = where.parent
+    if not where.is_dir():
+        raise UserError(f"output_dir {out}: {where} is a file, so the folder cannot be made there; choose another path")
+    try:
+        fd, probe = tempfile.mkstemp(dir=where, prefix=".distill-write-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise UserError(
+            f"output_dir {out} is not writable (creating a file in {where} failed: {err.strerror or err}); "
+            "choose a directory you can write to"
+        ) from err
+
 
 @dataclass
-class FinetuneConfig(CostArguments, TrainingArguments):
-    """`TrainingArguments` plus the cost meter's settings: fine-tuning has no knobs of its own."""
+class FinetuneConfig(RunArguments, TrainingArguments):
+    """`TrainingArguments` plus `RunArguments`: fine-tuning has no knobs of its own."""
 
 
 @dataclass
-class DistillConfig(CostArguments, TrainingArguments):
+class DistillConfig(RunArguments, TrainingArguments):
     """`TrainingArguments` plus the distillation knobs. Loss: alpha * T^2 * D(teacher, student) + (1 - alpha) * CE."""
 
     teacher_model_name_or_path: str | None = field(
@@ -295,21 +359,33 @@ class DistillConfig(CostArguments, TrainingArguments):
     def __post_init__(self):
         # Validate before TrainingArguments.__post_init__, which may already touch devices.
         if not self.teacher_model_name_or_path and not self.teacher_cache:
-            raise ValueError(
+            raise UserError(
                 "teacher_model_name_or_path is required (the hub id or local path of the teacher), "
                 "or teacher_cache: a directory written by `distill cache-teacher`"
             )
         if self.teacher_top_k < 1:
-            raise ValueError(f"teacher_top_k must be >= 1, got {self.teacher_top_k}")
+            raise UserError(f"teacher_top_k must be >= 1, got {self.teacher_top_k}")
         if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1] (weight of the KD term), got {self.alpha}")
+            raise UserError(f"alpha must be in [0, 1] (weight of the KD term), got {self.alpha}")
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise UserError(f"temperature must be > 0, got {self.temperature}")
         if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"unknown loss_type {self.loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+            raise UserError(f"unknown loss_type {self.loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
         if not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
+            raise UserError(f"beta must be in [0, 1], got {self.beta}")
         _check_dtype("teacher_dtype", self.teacher_dtype)
         if self.bf16 and not self.use_cpu:
             check_bf16_hardware()
         super().__post_init__()
+
+    @property
+    def resolved_teacher_dtype(self) -> str:
+        """The dtype the teacher is loaded and run in: teacher_dtype, with auto following the training precision."""
+        if self.teacher_dtype != "auto":
+            return self.teacher_dtype
+        return "bfloat16" if self.bf16 else "float16" if self.fp16 else "float32"
+
+
+# What a `distill train` recipe (and `distill cache-teacher`, which reads the same recipe) fills. Here
+# rather than in distill.train so that distill.teacher_cache can use it without importing the job.
+TRAIN_ARGUMENTS = (ModelArguments, DataArguments, DistillConfig)

@@ -25,6 +25,7 @@ import json
 import math
 import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,7 +33,8 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from distill.flops import FlopMeter
+from distill.errors import UserError
+from distill.flops import FlopMeter, mark_recomputation
 
 PFLOPS_DAY = 1e15 * 86_400  # FLOPs in one PFlop/s-day: 8.64e19
 
@@ -78,7 +80,7 @@ def find_peak(name: str) -> tuple[str, float] | None:
 def peak_for(accelerator: str) -> tuple[str, float]:
     found = find_peak(accelerator)
     if found is None:
-        raise ValueError(
+        raise UserError(
             f"unknown accelerator {accelerator!r}; known: {', '.join(PEAK_TFLOPS)}. "
             "Give its dense bf16 peak instead (--peak-tflops / peak_tflops)."
         )
@@ -144,7 +146,7 @@ def model_size(spec) -> ModelSize:
     count = parse_count(spec)
     if count is not None:
         if count <= 0:
-            raise ValueError(f"parameter count must be positive, got {spec!r}")
+            raise UserError(f"parameter count must be positive, got {spec!r}")
         return ModelSize(str(spec), count)
 
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -160,7 +162,7 @@ def model_size(spec) -> ModelSize:
     try:
         config = AutoConfig.from_pretrained(where, gguf_file=gguf_file)
     except (OSError, ValueError) as err:
-        raise ValueError(
+        raise UserError(
             f"could not read a model config from {spec!r} ({type(err).__name__}: {str(err).splitlines()[0]}); "
             "give a local model directory, a config.json, or a parameter count like 135M"
         ) from err
@@ -171,7 +173,7 @@ def model_size(spec) -> ModelSize:
     other = sum(p.numel() for p in model.parameters() if p.dim() > 1 and id(p) not in linear and id(p) not in embedding)
     params = sum(linear.values())
     if other > 0.01 * params:
-        raise ValueError(
+        raise UserError(
             f"{spec!r} has {other:,} weights outside Linear layers (fused mixture-of-experts weights?), so its "
             "FLOPs per token cannot be read off the config; give the active parameter count as a number"
         )
@@ -214,17 +216,17 @@ def plan(
     training FLOPs / (teacher - student FLOPs per token), does not depend on MFU or price.
     """
     if tokens <= 0:
-        raise ValueError(f"tokens must be positive, got {tokens}")
+        raise UserError(f"tokens must be positive, got {tokens}")
     if seq_len < 1:
-        raise ValueError(f"seq_len must be at least 1, got {seq_len}")
+        raise UserError(f"seq_len must be at least 1, got {seq_len}")
     if not 0 < mfu <= 1:
-        raise ValueError(f"mfu is a fraction of the peak in (0, 1], got {mfu}")
+        raise UserError(f"mfu is a fraction of the peak in (0, 1], got {mfu}")
     if server_pflops <= 0 or any(d <= 0 for d in days):
-        raise ValueError("server PFlop/s and days must be positive")
+        raise UserError("server PFlop/s and days must be positive")
     if peak_tflops is None:
         accelerator, peak_tflops = peak_for(accelerator)
     elif peak_tflops <= 0:
-        raise ValueError(f"peak_tflops must be positive, got {peak_tflops}")
+        raise UserError(f"peak_tflops must be positive, got {peak_tflops}")
 
     flops = training_flops(student, tokens, seq_len, teacher)
     hours = gpu_hours(flops["total"], peak_tflops, mfu)
@@ -335,26 +337,38 @@ def render_plan(p: dict) -> str:
 
 
 class CostCallback(TrainerCallback, ExportableState):
-    """Measured FLOPs of a training run: logged, checkpointed, and reported at the end.
+    """The bill of a training run: what each side computed, logged, checkpointed and reported.
 
-    Owns the :class:`FlopMeter` that the trainer wraps around its model calls. At each logging step
-    the trainer adds :meth:`log_metrics` to its logs: cumulative teacher / student / total FLOPs and
-    PFlop/s-days, and FLOP/s per device and MFU since the last log. The totals are saved in every
-    checkpoint (``TrainerState.stateful_callbacks``) and read back when training resumes, so a resumed
-    run continues the count. At the end of training, ``cost_report.json`` goes to ``output_dir``.
+    The one place where a run's compute is accounted. The trainer wraps its work in
+    :meth:`student_step`, :meth:`teacher_forward` and :meth:`output_layers`; a :class:`FlopMeter`
+    counts each once per shape. At each logging step the trainer adds :meth:`log_metrics` to its
+    logs. The totals are saved in every checkpoint (``TrainerState.stateful_callbacks``) and read back
+    when training resumes, so a resumed run continues the count. At the end of training,
+    ``cost_report.json`` goes to ``output_dir``.
+
+    Model FLOPs (``flops``, MFU) leave out activation checkpointing's recomputation; hardware FLOPs
+    (``hardware_flops``, HFU) include it (PaLM, app. B). A teacher served from a cache
+    (``teacher_cache``: the build's measured FLOPs, from its manifest) is billed its share of the
+    build, the part of the cached examples this run read; that work was done before the run, so it
+    is in the bill but not in the run's FLOP/s, MFU or HFU.
 
     Wall time runs from ``on_train_begin`` and includes evaluation and checkpointing; so does the MFU
     computed from it. A resumed run adds the time up to the checkpoint, not the lost work after it.
     """
 
-    def __init__(self, peak_tflops: float | None = None, gpu_hour_price: float | None = None):
+    KEYS = ("teacher_flops", "student_flops", "recomputed_flops", "tokens", "examples")
+
+    def __init__(
+        self, peak_tflops: float | None = None, gpu_hour_price: float | None = None, teacher_cache: dict | None = None
+    ):
         self.meter = FlopMeter()
         self.peak_tflops = peak_tflops  # as given; None: detected at train begin, again after a resume
         self.gpu_hour_price = gpu_hour_price
+        self.teacher_cache = teacher_cache  # {"flops", "examples", "seconds"} of the cache's train split
         self.accelerator: str | None = None
         self.peak: float | None = peak_tflops  # in use
         # All processes, as of the last sync; what checkpoints hold.
-        self.totals = {"teacher_flops": 0, "student_flops": 0, "tokens": 0, "seconds": 0.0}
+        self.totals = {**dict.fromkeys(self.KEYS, 0), "seconds": 0.0}
         self._base = dict(self.totals)
         self._start = self._last_time = time.perf_counter()
         self._last_flops = 0
@@ -366,16 +380,41 @@ class CostCallback(TrainerCallback, ExportableState):
             "attributes": {"totals": dict(self.totals)},
         }
 
+    # -- what the trainer wraps
+
+    def student_step(self, inputs: dict):
+        """The student's forward + backward (a teacher forward inside is counted apart)."""
+        return self.meter.measure("student", inputs)
+
+    def teacher_forward(self, inputs: dict):
+        return self.meter.measure("teacher", inputs)
+
+    @contextmanager
+    def output_layers(self, rows: int, key: tuple, teacher_flops_per_row: int = 0):
+        """The chunked loss: both output layers on ``rows`` target positions, and the student's
+        head gradients. Its FLOPs are linear in ``rows``, so they are counted once per ``key``
+        (hidden sizes, vocabulary) and scaled, not measured again for every count of targets. The
+        teacher's output matmul runs inside the student's step; ``teacher_flops_per_row`` of it
+        are the teacher's."""
+        with self.meter.measure("student", {}, "output layers", *key, units=rows):
+            yield
+        if teacher_flops_per_row:
+            self.meter.move(teacher_flops_per_row * rows, "student", "teacher")
+
     # -- events
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         saved = (state.stateful_callbacks or {}).get(type(self).__name__) if state.global_step > 0 else None
-        self._base = dict(saved["attributes"]["totals"]) if saved else {k: 0 for k in self.totals}
+        self._base = {**self.totals, **dict.fromkeys(self.KEYS, 0), "seconds": 0.0}
+        if saved:
+            self._base.update(saved["attributes"]["totals"])
         self.totals = dict(self._base)
         self.meter.reset()
+        if model is not None:  # the Trainer has turned activation checkpointing on by now
+            mark_recomputation(model, self.meter)
         self._devices = max(args.world_size, 1)
         self._start = self._last_time = time.perf_counter()
-        self._last_flops = self.total_flops
+        self._last_flops = self.flops_done
         if self.peak_tflops is None and (found := detect_accelerator()):
             self.accelerator, self.peak = found
 
@@ -399,35 +438,50 @@ class CostCallback(TrainerCallback, ExportableState):
     # -- numbers
 
     @property
-    def total_flops(self) -> int:
+    def teacher_flops(self) -> int:
+        """The teacher's bill: its forwards in this run, or its share of the cache build."""
+        if self.teacher_cache is None:
+            return self.totals["teacher_flops"]
+        return round(self.teacher_cache["flops"] * self.cache_share)
+
+    @property
+    def cache_share(self) -> float:
+        """The part of the cache's examples this run has read (each at least once)."""
+        return min(1.0, self.totals["examples"] / max(self.teacher_cache["examples"], 1))
+
+    @property
+    def flops_done(self) -> int:
+        """Model FLOPs computed by this run's devices (no cache build)."""
         return self.totals["teacher_flops"] + self.totals["student_flops"]
+
+    @property
+    def total_flops(self) -> int:
+        return self.teacher_flops + self.totals["student_flops"]
 
     def _sync(self, args) -> None:
         """totals = checkpointed base + this session's counts summed over processes. Every process
         calls this at the same steps (the Trainer's log/save decisions are the same everywhere)."""
-        local = [
-            self.meter.flops.get("teacher", 0),
-            self.meter.flops.get("student", 0),
-            self.meter.tokens.get("student", 0),
-        ]
+        m = self.meter
+        local = [m.flops.get("teacher", 0), m.flops.get("student", 0), sum(m.recomputed.values()),
+                 m.tokens.get("student", 0), m.examples.get("student", 0)]  # fmt: skip
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             t = torch.tensor(local, dtype=torch.float64, device=args.device)
             torch.distributed.all_reduce(t)
             local = [int(v) for v in t.tolist()]
-        for key, value in zip(("teacher_flops", "student_flops", "tokens"), local):
+        for key, value in zip(self.KEYS, local, strict=True):
             self.totals[key] = self._base[key] + value
         self.totals["seconds"] = self._base["seconds"] + time.perf_counter() - self._start
 
     def log_metrics(self) -> dict:
         """Cumulative FLOPs and, since the last call, FLOP/s per device and MFU; for trainer.log."""
-        now, total = time.perf_counter(), self.total_flops
-        rate = (total - self._last_flops) / max(now - self._last_time, 1e-9) / self._devices
-        self._last_time, self._last_flops = now, total
+        now, done = time.perf_counter(), self.flops_done
+        rate = (done - self._last_flops) / max(now - self._last_time, 1e-9) / self._devices
+        self._last_time, self._last_flops = now, done
         logs = {
-            "flops_teacher": float(self.totals["teacher_flops"]),
+            "flops_teacher": float(self.teacher_flops),
             "flops_student": float(self.totals["student_flops"]),
-            "flops_total": float(total),
-            "pflops_days": pflops_days(total),
+            "flops_total": float(self.total_flops),
+            "pflops_days": pflops_days(self.total_flops),
             "flops_per_second": rate,
         }
         if self.peak:
@@ -436,36 +490,59 @@ class CostCallback(TrainerCallback, ExportableState):
 
     def report(self, state=None) -> dict:
         t = self.totals
-        total, seconds, tokens = self.total_flops, t["seconds"], t["tokens"]
+        teacher, student, total = self.teacher_flops, t["student_flops"], self.total_flops
+        done, seconds, tokens = self.flops_done, t["seconds"], t["tokens"]
+        hardware = done + t["recomputed_flops"]
         device_hours = seconds * self._devices / 3600
-        return {
-            "flops": {"teacher": t["teacher_flops"], "student": t["student_flops"], "total": total},
+        report = {
+            "flops": {"teacher": teacher, "student": student, "total": total},
             "pflops_days": {
-                "teacher": pflops_days(t["teacher_flops"]),
-                "student": pflops_days(t["student_flops"]),
+                "teacher": pflops_days(teacher),
+                "student": pflops_days(student),
                 "total": pflops_days(total),
             },
+            "hardware_flops": {
+                "recomputed": t["recomputed_flops"],
+                "total": hardware,
+                "note": "FLOPs this run's devices executed: model FLOPs plus activation checkpointing's recomputed "
+                "forwards; HFU is computed on them, MFU on model FLOPs",
+            },
+            "teacher_source": "model" if self.teacher_cache is None else "cache",
             "tokens": tokens,
+            "examples": t["examples"],
             "flops_per_token": {
-                "teacher": t["teacher_flops"] / tokens if tokens else None,
-                "student": t["student_flops"] / tokens if tokens else None,
+                "teacher": teacher / tokens if tokens else None,
+                "student": student / tokens if tokens else None,
                 "total": total / tokens if tokens else None,
             },
             "wall_seconds": seconds,
             "devices": self._devices,
             "device_hours": device_hours,
-            "flops_per_second_per_device": total / seconds / self._devices if seconds else None,
+            "flops_per_second_per_device": done / seconds / self._devices if seconds else None,
             "accelerator": self.accelerator,
             "peak_tflops": self.peak,
-            "mfu": mfu(total, seconds, self.peak, self._devices) if self.peak and seconds else None,
+            "mfu": mfu(done, seconds, self.peak, self._devices) if self.peak and seconds else None,
+            "hfu": mfu(hardware, seconds, self.peak, self._devices) if self.peak and seconds else None,
             "gpu_hour_price": self.gpu_hour_price,
             "cost_usd": device_hours * self.gpu_hour_price if self.gpu_hour_price is not None else None,
             # The Trainer's own estimate (6 x non-embedding parameters x tokens, student only), for comparison.
             "trainer_total_flos": getattr(state, "total_flos", None),
             "convention": "model FLOPs measured with torch.utils.flop_counter, once per input shape: 2mnk per "
-            "matmul, attention QK^T and PV over the full sequence, backward 2x forward; tokens are positions "
-            "processed, padding included",
+            "matmul, attention QK^T and PV over the full sequence, backward 2x forward, activation checkpointing's "
+            "recompute left out (it is in hardware_flops); tokens are positions processed, padding included",
         }
+        if self.teacher_cache is not None:
+            c = self.teacher_cache
+            report["teacher_cache"] = {
+                "build_flops": c["flops"],
+                "build_examples": c["examples"],
+                "build_seconds": c["seconds"],
+                "share": self.cache_share,
+                "note": "the teacher ran when the cache was built, not in this run: it is billed the build's measured "
+                "FLOPs for the share of the cached examples this run read (amortised), and left out of this run's "
+                "FLOP/s, MFU and HFU",
+            }
+        return report
 
 
 def render_report(r: dict) -> str:
@@ -477,7 +554,20 @@ def render_report(r: dict) -> str:
             f"  {role:<8} {_num(r['flops'][role]):>10} FLOPs  {r['pflops_days'][role]:.4g} PFlop/s-day"
             + (f"  {_num(ft)} FLOPs/token" if ft else "")
         )
+    if r.get("teacher_cache"):
+        c = r["teacher_cache"]
+        lines.append(
+            f"  (teacher: amortised from the cache build, {c['share']:.0%} of its {_num(c['build_flops'])} FLOPs; "
+            "not run here)"
+        )
+    if r["hardware_flops"]["recomputed"]:
+        lines.append(
+            f"  activation checkpointing recomputed {_num(r['hardware_flops']['recomputed'])} FLOPs more: "
+            f"{_num(r['hardware_flops']['total'])} hardware FLOPs"
+        )
     mfu_text = f"{100 * r['mfu']:.3g}%" if r["mfu"] is not None else "n/a (set peak_tflops)"
+    if r["mfu"] is not None and r["hfu"] != r["mfu"]:
+        mfu_text += f" (HFU {100 * r['hfu']:.3g}%)"
     lines.append(
         f"  {_num(r['tokens'])} tokens in {r['wall_seconds']:,.1f} s on {r['devices']} device(s): "
         f"{_num(r['flops_per_second_per_device'] or 0)} FLOP/s per device, MFU {mfu_text}"
@@ -491,7 +581,7 @@ def command(args) -> str:
     """`distill cost`: the plan for the parsed command line, as a table or JSON."""
     tokens = parse_count(args.tokens)
     if tokens is None:
-        raise ValueError(f"--tokens {args.tokens!r} is not a number; write e.g. 2B or 300e9")
+        raise UserError(f"--tokens {args.tokens!r} is not a number; write e.g. 2B or 300e9")
     student = model_size(args.student)
     teacher = model_size(args.teacher) if args.teacher else None
     p = plan(

@@ -17,6 +17,7 @@ import datasets
 import torch
 
 from distill.config import DataArguments
+from distill.errors import UserError
 from distill.losses import IGNORE_INDEX
 
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -29,21 +30,21 @@ def load_rows(name: str, config: str | None = None, split: str = "train") -> dat
         files = sorted(str(f) for f in path.iterdir() if f.suffix in FILE_TYPES)
         kinds = {FILE_TYPES[Path(f).suffix] for f in files}
         if len(kinds) != 1:
-            raise ValueError(
+            raise UserError(
                 f"{name} should hold data files of one type ({', '.join(FILE_TYPES)}); found {len(files)} "
                 f"file(s) of types {sorted(kinds) or 'none'}"
             )
         return _load_files(kinds.pop(), files, name)
     if path.suffix in FILE_TYPES:
         if not path.is_file():
-            raise ValueError(f"data file not found: {name}")
+            raise UserError(f"data file not found: {name}")
         return _load_files(FILE_TYPES[path.suffix], [str(path)], name)
     if path.suffix or name.startswith((".", "/", "~")):
-        raise ValueError(f"data file not found or of an unknown type: {name} (known: {', '.join(FILE_TYPES)})")
+        raise UserError(f"data file not found or of an unknown type: {name} (known: {', '.join(FILE_TYPES)})")
     try:
         return datasets.load_dataset(name, config, split=split)
     except Exception as err:  # datasets raises many kinds here (offline, missing split, bad config)
-        raise ValueError(
+        raise UserError(
             f"could not load dataset {name!r} (split {split!r}): {type(err).__name__}: {err}. "
             "Give a local .jsonl/.json/.csv/.parquet/.txt file or directory, or a reachable hub dataset."
         ) from err
@@ -51,11 +52,11 @@ def load_rows(name: str, config: str | None = None, split: str = "train") -> dat
 
 def _load_files(kind: str, files: list[str], name: str) -> datasets.Dataset:
     if all(Path(f).stat().st_size == 0 for f in files):
-        raise ValueError(f"{name} is empty: it has no rows to train or evaluate on")
+        raise UserError(f"{name} is empty: it has no rows to train or evaluate on")
     try:
         return datasets.load_dataset(kind, data_files=files, split="train")
     except Exception as err:  # parse errors surface as several exception types
-        raise ValueError(f"could not read {name} as {kind}: {type(err).__name__}: {err}") from err
+        raise UserError(f"could not read {name} as {kind}: {type(err).__name__}: {err}") from err
 
 
 def detect_format(rows: datasets.Dataset, name: str = "dataset") -> str:
@@ -66,7 +67,7 @@ def detect_format(rows: datasets.Dataset, name: str = "dataset") -> str:
         return "prompt_completion"
     if "text" in columns:
         return "text"
-    raise ValueError(
+    raise UserError(
         f"{name} has columns {sorted(columns)}, none that distill can train on: give a `messages` column "
         "(chat), `prompt` and `completion` columns, or a `text` column"
     )
@@ -109,7 +110,7 @@ def assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[in
         before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
         upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (upto.startswith(before) and full.startswith(upto)):
-            raise ValueError(
+            raise UserError(
                 "the chat template does not render conversations prefix-stably, so assistant tokens cannot "
                 "be located; convert the data to prompt/completion form instead"
             )
@@ -128,12 +129,47 @@ def _messages(row, tokenizer, max_length):
     return {"input_ids": ids, "labels": labels}
 
 
+_TARGET_COLUMN = {"text": "text", "prompt_completion": "completion", "messages": "messages"}
+_NO_TARGET_TEXT = {
+    "text": "the text is empty",
+    "prompt_completion": "the completion is empty",
+    "messages": "no assistant turn has content",
+}
+
+
+def _has_target_text(value, fmt: str) -> bool:
+    if fmt == "messages":
+        return any(m.get("role") == "assistant" and str(m.get("content") or "").strip() for m in value or [])
+    return bool(str(value or "").strip())
+
+
+def check_has_targets(rows: datasets.Dataset, fmt: str, name: str) -> None:
+    """Refuse data with nothing to learn: a row whose target text is empty keeps only the end-of-sequence
+    token as a target, so a dataset of them trains, and exits 0, on nothing. Empty rows among good ones
+    are kept (an empty answer teaches to stop, as a teacher that stopped at once did) but counted
+    aloud, since they usually mean that a generation or a conversion went wrong."""
+    column, empty = _TARGET_COLUMN[fmt], 0
+    for batch in rows.select_columns([column]).iter(batch_size=1024):
+        missing = sum(not _has_target_text(value, fmt) for value in batch[column])
+        if fmt == "text" and missing < len(batch[column]):
+            return  # packed text: an empty row only adds a seam, so one non-empty row settles it
+        empty += missing
+    if empty == len(rows):
+        raise UserError(
+            f"{name} has nothing to train on: in all {len(rows)} rows {_NO_TARGET_TEXT[fmt]}; fill in the "
+            f"target text (check that the `{column}` column holds it)"
+        )
+    if empty:
+        print(f"distill: {name}: in {empty} of {len(rows)} rows {_NO_TARGET_TEXT[fmt]}; they train only the end token")
+
+
 def tokenize(rows: datasets.Dataset, tokenizer, max_length: int, name: str = "dataset") -> datasets.Dataset:
     fmt = detect_format(rows, name)
     if len(rows) == 0:
-        raise ValueError(f"{name} is empty: it has no rows to train or evaluate on")
+        raise UserError(f"{name} is empty: it has no rows to train or evaluate on")
     if fmt == "messages" and not tokenizer.chat_template:
-        raise ValueError(f"{name} is chat data (`messages`) but the tokenizer has no chat template")
+        raise UserError(f"{name} is chat data (`messages`) but the tokenizer has no chat template")
+    check_has_targets(rows, fmt, name)
     if fmt == "text":
         out = rows.map(
             _pack_text, batched=True, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
@@ -148,7 +184,7 @@ def tokenize(rows: datasets.Dataset, tokenizer, max_length: int, name: str = "da
     # A row whose targets were all truncated away would add only padding to a batch.
     out = out.filter(lambda row: any(t != IGNORE_INDEX for t in row["labels"][1:]), desc="Dropping targetless rows")
     if len(out) == 0:
-        raise ValueError(f"{name} has no target tokens after tokenization (check max_length and the columns)")
+        raise UserError(f"{name} has no target tokens after tokenization (check max_length and the columns)")
     return out
 
 

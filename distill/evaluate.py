@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from distill import cost
 from distill.config import DTYPES
 from distill.data import Collator, load_rows, tokenize
+from distill.errors import UserError
 from distill.flops import FlopMeter
 from distill.generate import complete, prompts_from_rows, read_prompts, render
 from distill.losses import IGNORE_INDEX, shared_vocab, shift_for_causal_lm, token_divergence, top1_agreement
@@ -50,8 +51,8 @@ def adapter_base(name_or_path: str) -> str | None:
     base = PeftConfig.from_pretrained(name_or_path).base_model_name_or_path
     try:
         resolve(base)
-    except ValueError as err:
-        raise ValueError(f"the base model of adapter {name_or_path}: {err}; merge it first (distill merge)") from err
+    except UserError as err:
+        raise UserError(f"the base model of adapter {name_or_path}: {err}; merge it first (distill merge)") from err
     return base
 
 
@@ -104,7 +105,7 @@ def score(teacher, student, batches, total: int | None = None) -> dict:
         t_flat, _ = shift_for_causal_lm(t_shared, labels)
         target = y.ne(IGNORE_INDEX)
         sums["kl"] += token_divergence(s_flat[target], t_flat[target], "forward_kl").sum().item()
-        matches, targets = top1_agreement(s_logits, t_logits, labels)
+        matches, targets = top1_agreement(s_shared.argmax(-1), t_shared.argmax(-1), labels)
         sums["matches"] += int(matches)
         sums["targets"] += int(targets)
         sums["tokens"] += int(batch["attention_mask"].sum())
@@ -162,7 +163,7 @@ def read_log_history(run_dir: str) -> list[dict]:
     elif path.is_dir() and (last := get_last_checkpoint(str(path))):
         state = Path(last) / "trainer_state.json"
     else:
-        raise ValueError(
+        raise UserError(
             f"--run-dir {run_dir}: no trainer_state.json in it or in a checkpoint-* folder; give the output_dir "
             "of a distill train / finetune run (with save_steps, so it has checkpoints) or a trainer_state.json"
         )
@@ -274,13 +275,13 @@ def default_output_dir(run_dir: str | None, student: str) -> Path:
 def run(args) -> dict:
     """`distill eval` for the parsed command line; returns the report written to eval_report.json."""
     if args.max_length < 2:
-        raise ValueError(f"--max-length must be at least 2, got {args.max_length}")
+        raise UserError(f"--max-length must be at least 2, got {args.max_length}")
     if args.batch_size < 1 or args.num_prompts < 0 or args.max_new_tokens < 1:
-        raise ValueError("--batch-size and --max-new-tokens must be at least 1, --num-prompts at least 0")
+        raise UserError("--batch-size and --max-new-tokens must be at least 1, --num-prompts at least 0")
     if not 0 < args.mfu <= 1:
-        raise ValueError(f"--mfu is a fraction of the peak in (0, 1], got {args.mfu}")
+        raise UserError(f"--mfu is a fraction of the peak in (0, 1], got {args.mfu}")
     if args.dtype not in DTYPES:
-        raise ValueError(f"--dtype {args.dtype!r} is not a dtype distill knows; use one of {', '.join(DTYPES)}")
+        raise UserError(f"--dtype {args.dtype!r} is not a dtype distill knows; use one of {', '.join(DTYPES)}")
     accelerator, peak = (args.accelerator, args.peak_tflops) if args.peak_tflops else cost.peak_for(args.accelerator)
     for name in (args.teacher, args.student):
         resolve(adapter_base(name) or name)
@@ -379,11 +380,11 @@ def _read_report(path: str, data: dict) -> dict:
     p = Path(path)
     p = p / "eval_report.json" if p.is_dir() else p
     if not p.is_file():
-        raise ValueError(f"--compare {path}: no eval_report.json there; give a report an earlier `distill eval` wrote")
+        raise UserError(f"--compare {path}: no eval_report.json there; give a report an earlier `distill eval` wrote")
     report = json.loads(p.read_text(encoding="utf-8"))
     theirs = {k: Path(v).name if k == "path" else v for k, v in report["data"].items() if k in data}
     if theirs != data:
-        raise ValueError(
+        raise UserError(
             f"--compare {path} was measured on other data ({theirs}, here {data}); run both with the same "
             "--data, --split, --max-samples and --max-length"
         )

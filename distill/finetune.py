@@ -14,7 +14,7 @@ from __future__ import annotations
 from distill import adapters
 from distill.config import DataArguments, FinetuneConfig, ModelArguments
 from distill.data import Collator, build_datasets
-from distill.models import load_tokenizer, resolve, vocab_sizes_fit
+from distill.models import check_max_length, load_tokenizer, resolve, vocab_sizes_fit
 from distill.recipe import load_recipe, parse
 from distill.train import resume_checkpoint, train_and_save
 from distill.trainer import MeteredTrainer
@@ -25,9 +25,11 @@ ARGUMENTS = (ModelArguments, DataArguments, FinetuneConfig)
 def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     recipe = load_recipe(recipe_path, overrides)
     model_args, data_args, config = parse(recipe, ARGUMENTS)
+    resume = resume_checkpoint(config)
+    config.check_output_dir(resuming=resume is not None)
     adapters.check(model_args, config)
     resolve(model_args.model_name_or_path)
-    resume = resume_checkpoint(config)
+    check_max_length(model_args.model_name_or_path, data_args.max_length, "model")
 
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     with config.main_process_first(desc="tokenizing"):

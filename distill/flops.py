@@ -6,7 +6,9 @@ optimizer) counts 0. Attention counts its two matmuls QK^T and PV over the full 
 causal or not, because that is what the kernels and the usual formulas count; its backward counts
 twice its forward, like every other matmul. The fused flash kernels recompute QK^T in the backward;
 that recomputation is work the hardware does, not work the model needs, so it is not counted.
-(Gradient checkpointing's recomputed forward does run through the counter and is counted.)
+Activation checkpointing's recomputed forward is the same kind of work: the meter counts it apart
+(:meth:`FlopMeter.recomputing`), as the *hardware* FLOPs that HFU is defined on, and leaves it out
+of the model FLOPs that MFU is defined on.
 
 Three gaps of torch 2.13's registry are filled through ``FlopCounterMode(custom_mapping=...)``:
 
@@ -21,6 +23,8 @@ With both, a model counts the same FLOPs under ``eager`` and ``sdpa`` attention,
 Counting a step under ``FlopCounterMode`` makes it slower (1.04x to 2.8x on CPU in
 benchmarks/cost_meter.py: the mode's cost is per op, not per FLOP), but the count depends only on
 the input shapes; so ``FlopMeter`` counts once per (role, shapes) and reuses the number afterwards.
+Work whose size is a count of rows rather than a shape (the chunked loss runs the output layers on
+the target positions only) is counted once per unit and multiplied by the count (``units``).
 """
 
 from __future__ import annotations
@@ -98,14 +102,21 @@ class FlopMeter:
     role gets the difference of the counter across its block, and the outer role gets its own count
     minus that. A block that raises counts nothing. FLOPs of models whose work depends on the
     values, not the shapes (mixture-of-experts routing), are those of the first batch of each shape.
+
+    ``flops`` are model FLOPs; ``recomputed`` holds, per role, the FLOPs of activation checkpointing's
+    recomputed forwards on top of them (hardware FLOPs = both).
     """
 
     def __init__(self):
         self.flops: dict[str, int] = {}
+        self.recomputed: dict[str, int] = {}
         self.tokens: dict[str, int] = {}
-        self._known: dict[tuple, int] = {}  # (role, shape key) -> FLOPs of one call
+        self.examples: dict[str, int] = {}
+        self.measurements = 0  # how many blocks ran under FlopCounterMode: the meter's own overhead
+        self._known: dict[tuple, tuple[float, float]] = {}  # (role, key) -> (model, recomputed) FLOPs per unit
         self._counter: FlopCounterMode | None = None
-        self._frames: list[list[int]] = []  # per open counted block: [counter total at entry, nested FLOPs]
+        # per open counted block: [counter total at entry, FLOPs of nested blocks, recomputed FLOPs]
+        self._frames: list[list[int]] = []
         self._warned = False
 
     @property
@@ -114,8 +125,8 @@ class FlopMeter:
 
     def reset(self) -> None:
         """Zero the totals; the per-shape counts stay valid and are kept."""
-        self.flops.clear()
-        self.tokens.clear()
+        for totals in (self.flops, self.recomputed, self.tokens, self.examples):
+            totals.clear()
 
     def move(self, flops: int, src: str, dst: str) -> None:
         """Reattribute FLOPs counted in ``src``'s block that were done for ``dst`` (e.g. the teacher's
@@ -124,23 +135,26 @@ class FlopMeter:
         self.flops[dst] = self.flops.get(dst, 0) + flops
 
     @contextmanager
-    def measure(self, role: str, inputs: Mapping, *extra):
+    def measure(self, role: str, inputs: Mapping, *extra, units: int = 1):
         """Count the block as ``role``'s. ``extra``: whatever else its FLOPs depend on besides the
-        shapes of ``inputs`` (e.g. how many positions are targets, if only those are computed)."""
+        shapes of ``inputs``. ``units``: the block's work is ``units`` times a per-unit cost that
+        depends only on the key (e.g. rows of the output layer); counted once, then scaled. Tokens
+        and examples are those of ``inputs["input_ids"]``, if it is there."""
         key = (role, shape_key(inputs), *extra)
         ids = inputs.get("input_ids")
-        tokens = ids.numel() if isinstance(ids, torch.Tensor) else 0
+        tokens, examples = (ids.numel(), ids.shape[0]) if isinstance(ids, torch.Tensor) else (0, 0)
         known = self._known.get(key)
         if known is not None and self._counter is None:  # the every-step path
             yield
-            self._add(role, known, tokens)
+            self._add(role, known[0] * units, known[1] * units, tokens, examples)
             return
 
         opened = self._counter is None
         if opened:
             self._counter = flop_counter()
             self._counter.__enter__()
-        frame = [self._counter.get_total_flops(), 0]
+            self.measurements += 1
+        frame = [self._counter.get_total_flops(), 0, 0]
         self._frames.append(frame)
         try:
             yield
@@ -152,16 +166,32 @@ class FlopMeter:
                 counter.__exit__(None, None, None)
         if self._frames:
             self._frames[-1][1] += spent
-        flops = spent - frame[1]
+        recomputed = frame[2]
+        flops = spent - frame[1] - recomputed
         if known is None:
-            self._known[key] = flops
+            self._known[key] = (flops / units, recomputed / units) if units else (0.0, 0.0)
             if opened:
                 self._check_attention(role, counter)
-        self._add(role, flops, tokens)
+        self._add(role, flops, recomputed, tokens, examples)
 
-    def _add(self, role: str, flops: int, tokens: int) -> None:
-        self.flops[role] = self.flops.get(role, 0) + flops
+    @contextmanager
+    def recomputing(self):
+        """Mark the block as activation checkpointing's recomputation: while a block is being
+        counted, its FLOPs go to ``recomputed`` instead of ``flops``. Free when nothing is counted."""
+        if self._counter is None or not self._frames:
+            yield
+            return
+        start = self._counter.get_total_flops()
+        try:
+            yield
+        finally:  # a recompute that torch stops early (it has what backward needs) raises through here
+            self._frames[-1][2] += self._counter.get_total_flops() - start
+
+    def _add(self, role: str, flops: float, recomputed: float, tokens: int, examples: int) -> None:
+        self.flops[role] = self.flops.get(role, 0) + round(flops)
+        self.recomputed[role] = self.recomputed.get(role, 0) + round(recomputed)
         self.tokens[role] = self.tokens.get(role, 0) + tokens
+        self.examples[role] = self.examples.get(role, 0) + examples
 
     def _check_attention(self, role: str, counter: FlopCounterMode) -> None:
         ops = counter.get_flop_counts().get("Global", {})
@@ -173,3 +203,36 @@ class FlopMeter:
                 "or 'eager' is counted",
                 stacklevel=4,
             )
+
+
+def mark_recomputation(model: torch.nn.Module, meter: FlopMeter) -> int:
+    """Make activation checkpointing's recomputed forwards count as ``meter.recomputing()``.
+
+    transformers checkpoints each ``GradientCheckpointingLayer`` by calling its
+    ``_gradient_checkpointing_func(forward, *args)``; torch calls ``forward`` once in the forward pass
+    and again, to recompute, in the backward pass (reentrant or not). The wrapper marks every call
+    after the first. Returns how many layers it wrapped (0 without activation checkpointing).
+    """
+    wrapped = 0
+    for module in model.modules():
+        checkpoint = getattr(module, "_gradient_checkpointing_func", None)
+        if checkpoint is None or getattr(checkpoint, "_distill_marks_recomputation", False):
+            continue
+
+        def marked(function, *args, _checkpoint=checkpoint, **kwargs):
+            calls = 0
+
+            def run(*a, **k):
+                nonlocal calls
+                calls += 1
+                if calls == 1:
+                    return function(*a, **k)
+                with meter.recomputing():
+                    return function(*a, **k)
+
+            return _checkpoint(run, *args, **kwargs)
+
+        marked._distill_marks_recomputation = True
+        module._gradient_checkpointing_func = marked
+        wrapped += 1
+    return wrapped

@@ -36,6 +36,7 @@ from transformers import set_seed
 
 from distill.config import DTYPES
 from distill.data import load_rows
+from distill.errors import UserError
 from distill.models import load_model, load_tokenizer, resolve
 from distill.recipe import load_recipe, parse
 
@@ -98,21 +99,21 @@ class GenerateConfig:
     def __post_init__(self):
         for key in ("teacher_model_name_or_path", "prompts", "output_file"):
             if not getattr(self, key):
-                raise ValueError(f"{key} is required (see `distill generate --help-keys`)")
+                raise UserError(f"{key} is required (see `distill generate --help-keys`)")
         if not self.output_file.endswith(".jsonl"):
-            raise ValueError(f"output_file must end in .jsonl (one row per line, for resuming), got {self.output_file}")
+            raise UserError(f"output_file must end in .jsonl (one row per line, for resuming), got {self.output_file}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+            raise UserError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+            raise UserError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.max_prompts is not None and self.max_prompts < 1:
-            raise ValueError(f"max_prompts must be at least 1, got {self.max_prompts}")
+            raise UserError(f"max_prompts must be at least 1, got {self.max_prompts}")
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise UserError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} is not a dtype distill knows; use one of {', '.join(DTYPES)}")
+            raise UserError(f"dtype={self.dtype!r} is not a dtype distill knows; use one of {', '.join(DTYPES)}")
 
 
 ARGUMENTS = (GenerateConfig,)
@@ -131,7 +132,7 @@ def prompts_from_rows(rows, name: str, limit: int | None = None) -> list[dict]:
     columns = set(rows.column_names)
     column = next((c for c in ("messages", "prompt", "text") if c in columns), None)
     if column is None:
-        raise ValueError(
+        raise UserError(
             f"{name} has columns {sorted(columns)}; prompts need a `prompt` column (text), a `messages` column "
             "(chat), or a .txt file with one prompt per line"
         )
@@ -139,7 +140,7 @@ def prompts_from_rows(rows, name: str, limit: int | None = None) -> list[dict]:
         rows = rows.select(range(min(limit, len(rows))))
     ids = rows["id"] if "id" in columns else list(range(len(rows)))
     if len(set(ids)) != len(ids):
-        raise ValueError(
+        raise UserError(
             f"{name}: the `id` column has duplicates; ids key the rows for resuming, so they must be unique"
         )
     prompts = []
@@ -149,7 +150,7 @@ def prompts_from_rows(rows, name: str, limit: int | None = None) -> list[dict]:
             if value and value[-1]["role"] == "assistant":
                 value = value[:-1]  # the reference answer; the teacher writes its own
             if not value:
-                raise ValueError(f"{name}: row {i} has no message before its assistant turn to answer")
+                raise UserError(f"{name}: row {i} has no message before its assistant turn to answer")
         prompts.append({"id": i, "prompt": value})
     return prompts
 
@@ -157,9 +158,9 @@ def prompts_from_rows(rows, name: str, limit: int | None = None) -> list[dict]:
 def use_chat_template(setting: bool | None, tokenizer, prompts: list[dict]) -> bool:
     chat = bool(tokenizer.chat_template) if setting is None else setting
     if chat and not tokenizer.chat_template:
-        raise ValueError("chat_template: true, but the tokenizer has no chat template; set chat_template: false")
+        raise UserError("chat_template: true, but the tokenizer has no chat template; set chat_template: false")
     if not chat and any(isinstance(p["prompt"], list) for p in prompts):
-        raise ValueError("the prompts are chat `messages`, which need the chat template; unset chat_template")
+        raise UserError("the prompts are chat `messages`, which need the chat template; unset chat_template")
     return chat
 
 
@@ -262,7 +263,7 @@ def read_done(path: Path) -> dict:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {n} is not JSON ({err}); it was not written by distill generate") from err
+            raise UserError(f"{path}, line {n} is not JSON ({err}); it was not written by distill generate") from err
         done[row["id"]] = row
     return done
 
@@ -275,14 +276,14 @@ def check_resumable(path: Path, settings: dict, done: dict, prompts: list[dict])
         changed = [k for k in ROW_SETTINGS if before.get(k) != settings.get(k)]
         if changed:
             what = ", ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-            raise ValueError(
+            raise UserError(
                 f"{path} was started with other settings ({what}); finish it with the recipe it was started "
                 "with, or write to a new output_file"
             )
     by_id = {p["id"]: p["prompt"] for p in prompts}
     for i, row in done.items():
         if i in by_id and _prompt_of(row) != by_id[i]:
-            raise ValueError(
+            raise UserError(
                 f"{path} holds a row with id {i!r} for another prompt than the prompt file's; the prompt file "
                 "changed since the output was started: write to a new output_file"
             )

@@ -41,6 +41,74 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
 
 
+def _check_loss_type(loss_type: str) -> None:
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+
+
+def divergence(log_s: torch.Tensor, log_t: torch.Tensor, loss_type: str = "forward_kl", beta: float = 0.5):
+    """The divergence D(p_T, p_S) per row, from normalised log-probabilities over the last dim.
+
+    The one definition every path is measured against: the full vocabulary (``log_s``, ``log_t``
+    from a log-softmax), or the k + 1 buckets of top-k targets. Differentiable by autograd.
+    """
+    _check_loss_type(loss_type)
+    if loss_type == "forward_kl" or (loss_type == "jsd" and beta == 0.0):
+        return _kl(log_t, log_s)
+    if loss_type == "reverse_kl" or (loss_type == "jsd" and beta == 1.0):
+        return _kl(log_s, log_t)
+    # log M = logsumexp(log beta + log p_T, log(1 - beta) + log p_S): stays finite where p is tiny.
+    log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log(1.0 - beta)]), dim=0)
+    return beta * _kl(log_t, log_m) + (1.0 - beta) * _kl(log_s, log_m)
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b, -1) over rows as a batched matmul: no temporary of a's size."""
+    return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
+
+
+def divergence_and_grad_(log_s: torch.Tensor, log_t: torch.Tensor, loss_type: str, beta: float):
+    """(D per row, dD/da): :func:`divergence` of 2-d ``(rows, n)`` inputs and its gradient in closed
+    form, with respect to any student logits ``a`` whose log-softmax is ``log_s``.
+
+    With ``p_S = exp(log_s)``, ``p_T = exp(log_t)``::
+
+        forward KL   dD/da = p_S - p_T
+        reverse KL   dD/da = p_S * (log p_S - log p_T - D)
+        JSD(beta)    dD/da = (1 - beta) p_S * (log p_S - log M - KL(p_S || M))
+
+    (the softmax Jacobian applied to dD/dp_S = -p_T / p_S, log p_S - log p_T + 1 and
+    (1 - beta)(log p_S - log M) + const). The chunked losses use it on a chunk's full vocabulary and on
+    top-k buckets; its own tests hold it to autograd of :func:`divergence` in float64.
+
+    Consumes its inputs: both are overwritten, and the gradient is returned in ``log_s``'s storage,
+    so that a chunk of vocabulary-sized rows costs one extra buffer. No "0 log 0" guard is needed
+    here: the inputs are finite log-probabilities, so a p that underflows to 0 multiplies a finite
+    number.
+    """
+    _check_loss_type(loss_type)
+    if loss_type == "forward_kl" or (loss_type == "jsd" and beta == 0.0):
+        p_t = log_t.exp()
+        div = _rowdot(p_t, log_t.sub_(log_s))
+        return div, log_s.exp_().sub_(p_t)
+    if loss_type == "reverse_kl" or (loss_type == "jsd" and beta == 1.0):
+        p_s = log_s.exp()
+        diff = log_s.sub_(log_t)  # log p_S - log p_T
+        kl = _rowdot(p_s, diff)
+        return kl, diff.sub_(kl[:, None]).mul_(p_s)
+    log_m = log_t + math.log(beta)
+    torch.logaddexp(log_m, log_s + math.log(1.0 - beta), out=log_m)
+    p_t = log_t.exp()
+    div_t = _rowdot(p_t, log_t.sub_(log_m))
+    del p_t, log_t
+    p_s = log_s.exp()
+    diff = log_s.sub_(log_m)  # log p_S - log M
+    del log_m
+    kl_s = _rowdot(p_s, diff)
+    grad = diff.sub_(kl_s[:, None]).mul_(p_s).mul_(1.0 - beta)
+    return beta * div_t + (1.0 - beta) * kl_s, grad
+
+
 def token_divergence(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -53,17 +121,10 @@ def token_divergence(
     Both sides are divided by ``temperature`` before the softmax. The result is *not* multiplied by
     T^2; :func:`distillation_loss` does that, so that this function stays a plain divergence.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+    _check_loss_type(loss_type)
     log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    if loss_type == "forward_kl" or (loss_type == "jsd" and beta == 0.0):
-        return _kl(log_t, log_s)
-    if loss_type == "reverse_kl" or (loss_type == "jsd" and beta == 1.0):
-        return _kl(log_s, log_t)
-    # log M = logsumexp(log beta + log p_T, log(1 - beta) + log p_S): stays finite where p is tiny.
-    log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log(1.0 - beta)]), dim=0)
-    return beta * _kl(log_t, log_m) + (1.0 - beta) * _kl(log_s, log_m)
+    return divergence(log_s, log_t, loss_type, beta)
 
 
 def shared_vocab(student_logits: torch.Tensor, teacher_logits: torch.Tensor):
@@ -134,13 +195,13 @@ def distillation_loss(
 
 
 @torch.no_grad()
-def top1_agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor):
-    """(matches, tokens): how often the student's argmax equals the teacher's, on target positions."""
-    student_logits, teacher_logits = shared_vocab(student_logits, teacher_logits)
-    s, y = shift_for_causal_lm(student_logits, labels)
-    t, _ = shift_for_causal_lm(teacher_logits, labels)
-    mask = y.ne(IGNORE_INDEX)
-    matches = (s.argmax(-1).eq(t.argmax(-1)) & mask).sum()
+def top1_agreement(student_top1: torch.Tensor, teacher_top1: torch.Tensor, labels: torch.Tensor):
+    """(matches, tokens): how often the student's most likely next token is the teacher's, on target
+    positions. ``*_top1``: ``(batch, seq)`` argmax ids aligned with the logits (position i predicts
+    label i + 1), over the shared vocabulary: from logits (``shared_vocab`` then argmax), from hidden
+    states (:func:`distill.chunked.top1_rows`) or from top-k targets (their first id)."""
+    mask = labels[:, 1:].ne(IGNORE_INDEX)
+    matches = (student_top1[:, :-1].eq(teacher_top1[:, :-1]) & mask).sum()
     return matches, mask.sum()
 
 
@@ -207,10 +268,7 @@ def topk_token_divergence(
     ``student_logits`` span the vocabulary the targets were computed on.
     """
     log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_s_b, log_t_b = topk_log_buckets(log_s, targets)
-    # Both bucket vectors are normalised log-distributions, on which log_softmax is the identity
-    # (value and gradient), so token_divergence at T = 1 is the divergence between them.
-    return token_divergence(log_s_b, log_t_b, loss_type, 1.0, beta)
+    return divergence(*topk_log_buckets(log_s, targets), loss_type, beta)
 
 
 def topk_distillation_loss(
@@ -248,15 +306,3 @@ def topk_distillation_loss(
     ce = F.cross_entropy(s.float(), y, reduction="sum") / denom
     loss = alpha * kd + (1.0 - alpha) * ce
     return DistillationLoss(loss, kd.detach(), ce.detach(), num_tokens)
-
-
-@torch.no_grad()
-def topk_top1_agreement(
-    student_logits: torch.Tensor, targets: TopKTargets, labels: torch.Tensor, vocab_size: int | None = None
-):
-    """:func:`top1_agreement` against top-k targets, whose first id is the teacher's argmax."""
-    s, y = shift_for_causal_lm(student_logits[..., :vocab_size], labels)
-    mask = y.ne(IGNORE_INDEX)
-    teacher_top1 = targets.ids[:, :-1, 0].reshape(-1)
-    matches = (s.argmax(-1).eq(teacher_top1) & mask).sum()
-    return matches, mask.sum()

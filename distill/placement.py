@@ -27,6 +27,8 @@ from accelerate.utils import DistributedType
 from accelerate.utils.dataclasses import get_module_class_from_name
 from torch import nn
 
+from distill.errors import UserError
+
 
 def place_teacher(teacher: nn.Module, student: nn.Module, accelerator) -> nn.Module:
     """The frozen ``teacher``, placed for ``accelerator``'s engine (table above). ``student`` is only
@@ -35,7 +37,7 @@ def place_teacher(teacher: nn.Module, student: nn.Module, accelerator) -> nn.Mod
     teacher.requires_grad_(False)
     engine = sharding(accelerator)
     if engine == "fsdp1":
-        raise ValueError(
+        raise UserError(
             "distill shards the teacher with FSDP2 only; set fsdp_version: 2 in the accelerate config "
             "(recipes/accelerate/fsdp.yaml does)"
         )
@@ -67,7 +69,7 @@ def _fsdp2_shard(teacher: nn.Module, student: nn.Module, accelerator) -> nn.Modu
     plugin.set_auto_wrap_policy(student)
     missing = [n for n in plugin.transformer_cls_names_to_wrap or () if get_module_class_from_name(teacher, n) is None]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"FSDP2 wraps the student's layers ({', '.join(missing)}) and the teacher has none of them: one wrap "
             "policy covers both models, so under FSDP2 they must share an architecture. Use "
             "recipes/accelerate/zero3.yaml for a cross-architecture pair."

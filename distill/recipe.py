@@ -17,6 +17,8 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
+from distill.errors import UserError
+
 # YAML 1.1 reads `1e-4` (no dot) as a string; every ML config means the number.
 _SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
@@ -31,11 +33,11 @@ def parse_overrides(tokens: list[str]) -> dict:
     while i < len(tokens):
         token = tokens[i]
         if not token.startswith("--") or token == "--":
-            raise ValueError(f"expected an override like --key value, got {token!r}")
+            raise UserError(f"expected an override like --key value, got {token!r}")
         key, eq, value = token[2:].partition("=")
         if not eq:
             if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
-                raise ValueError(f"override --{key} has no value; write --{key} VALUE")
+                raise UserError(f"override --{key} has no value; write --{key} VALUE")
             value, i = tokens[i + 1], i + 1
         out[key.replace("-", "_")] = _yaml_value(yaml.safe_load(value))
         i += 1
@@ -45,52 +47,94 @@ def parse_overrides(tokens: list[str]) -> dict:
 def load_recipe(path: str, overrides: list[str] | None = None) -> dict:
     recipe = Path(path)
     if not recipe.is_file():
-        raise ValueError(f"recipe not found: {path}")
+        raise UserError(f"recipe not found: {path}")
     try:
         data = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
-        raise ValueError(f"{path} is not valid YAML: {err}") from err
+        raise UserError(f"{path} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must be a mapping of key: value lines, got {type(data).__name__}")
+        raise UserError(f"{path} must be a mapping of key: value lines, got {type(data).__name__}")
     data = {k: _yaml_value(v) for k, v in data.items()}
     data.update(parse_overrides(overrides or []))
     return data
 
 
-def _coerce(value, hint):
-    """Give numeric fields numbers when a recipe wrote them as strings ("3", "0.5"), and strategy
-    fields their "no" when YAML 1.1 read `save_strategy: no` as False."""
-    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+def _union_args(hint) -> tuple:
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+
+
+def _coerce(key: str, value, hint, default):
+    """The value a field of type ``hint`` gets from a recipe, or a UserError naming the key.
+
+    Numbers written as strings ("3", "0.5") become numbers, and strategy fields get their "no" when
+    YAML 1.1 read `save_strategy: no` as False. A value a numeric or true/false field cannot take is
+    refused here: the dataclasses do not check types, and a string learning rate would otherwise fail
+    as a TypeError deep inside the Trainer, or not at all.
+    """
+    args = _union_args(hint)
     if value is False and bool not in args and str in args and type(None) not in args:
         return "no"
-    if not isinstance(value, str):
+    if str in args:
         return value
-    for kind in (int, float):
-        if kind in args:
+    numbers = [kind for kind in (int, float) if kind in args]
+    if numbers:
+        return value if value is None and type(None) in args else _number(key, value, numbers[0], default)
+    if bool in args and value is not None and not isinstance(value, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise UserError(f"{key}: {value!r} is not true or false; write {key}: true or {key}: false")
+    return value
+
+
+def _number(key: str, value, kind: type, default):
+    name = "an integer" if kind is int else "a number"
+    problem = f"{key}: {value!r} is not {name}; {key} takes {'an integer' if kind is int else 'a float'}"
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        problem += f", e.g. {key}: {default} (its default)"
+    # bool is an int to Python, but `seed: true` is a slip, never the number 1.
+    if isinstance(value, bool):
+        raise UserError(problem)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = int(text)
+        except ValueError:
             try:
-                return kind(value)
+                value = float(text)
             except ValueError:
-                continue
+                raise UserError(problem) from None
+    if not isinstance(value, (int, float)) or value != value:  # value != value: NaN passes every range check
+        raise UserError(problem)
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise UserError(problem)
+        return int(value)  # `max_steps: 1e4` reads as the float 10000.0
     return value
 
 
 def parse(data: dict, dataclass_types: tuple) -> tuple:
-    """Fill ``dataclass_types`` from a recipe dict; unknown keys and bad values raise ValueError."""
-    hints = {}
+    """Fill ``dataclass_types`` from a recipe dict; unknown keys and bad values raise UserError."""
+    hints, defaults = {}, {}
     for cls in dataclass_types:
-        hints.update({f.name: typing.get_type_hints(cls)[f.name] for f in dataclasses.fields(cls) if f.init})
+        for f in dataclasses.fields(cls):
+            if f.init:
+                hints[f.name] = typing.get_type_hints(cls)[f.name]
+                defaults[f.name] = f.default
     unknown = [k for k in data if k not in hints]
     if unknown:
         hint = "; ".join(
             f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, hints, n=1)) else "")
             for k in unknown
         )
-        raise ValueError(f"unknown recipe key {hint}. Run the command with --help-keys to list every key.")
-    data = {k: _coerce(v, hints[k]) for k, v in data.items()}
+        raise UserError(f"unknown recipe key {hint}. Run the command with --help-keys to list every key.")
+    data = {k: _coerce(k, v, hints[k], defaults[k]) for k, v in data.items()}
     try:
         return HfArgumentParser(dataclass_types).parse_dict(data)
-    except TypeError as err:
-        raise ValueError(f"bad recipe value: {err}") from err
+    except UserError:
+        raise
+    except (ValueError, TypeError) as err:
+        # What the dataclasses themselves refuse (TrainingArguments' own checks) is the recipe's doing.
+        raise UserError(f"bad recipe value: {' '.join(str(err).split())}") from err
 
 
 def describe(dataclass_types: tuple) -> str:

@@ -11,7 +11,8 @@ Layout::
 
     PATH/manifest.json          what the cache was built for, progress, and the build's report
     PATH/train/shard-00000/     logprobs.npy (rows, k) float32, ids.npy (rows, k) int32,
-                                tail.npy (rows,) float32, offsets.npy (examples + 1,) int64
+                                tail.npy (rows,) float32, offsets.npy (examples + 1,) int64,
+                                cost.json (the teacher FLOPs and seconds that made the shard)
     PATH/train/shard-00001/ ...
     PATH/eval/shard-00000/ ...  when the recipe has evaluation data
 
@@ -27,17 +28,22 @@ build writes the same bytes as an uninterrupted one.
 A cache serves one run: its manifest records the tokenizer (a hash of its vocabulary), the data (a
 hash of every example's token ids and labels), ``max_length``, k, the temperature, the teacher and
 the vocabulary size. Training refuses a cache that differs in any of them, before loading a model.
+The teacher is identified by what it is, not by where it is: a hash of its config and weight files
+(:func:`distill.models.local_model_digest`) and the dtype it ran in. A teacher that is not on the
+training machine cannot be checked, and is trusted with a note.
 The temperature is part of it because top-k log-probabilities at one temperature cannot be
 re-tempered: the tail's mass at another T depends on the logits that were dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +56,12 @@ from distill.chunked import (
     output_weight,
     supports_chunked_loss,
 )
+from distill.errors import UserError
+from distill.flops import FlopMeter
 from distill.losses import IGNORE_INDEX, TopKTargets, distillation_loss, teacher_topk, topk_distillation_loss
+from distill.models import local_model_digest
 
-FORMAT = 1
+FORMAT = 2  # 2: the teacher is identified by its files and dtype (teacher_fingerprint), + teacher_cost
 MANIFEST = "manifest.json"
 SHARD_EXAMPLES = 1024  # examples per shard: a few to a few hundred MB at k = 64
 REPORT_BATCHES = 4  # batches on which the build compares the top-k loss with the full one
@@ -102,6 +111,21 @@ def _mismatch(cached: dict, wanted: dict) -> list[str]:
     ]
 
 
+def _teacher_mismatch(cached: dict, wanted: dict, cached_name: str | None, wanted_name: str | None) -> list[str]:
+    problems = []
+    if cached["files"] != wanted["files"]:
+        problems.append(
+            f"the teacher's weights or config (cache: {_short(cached['files'])} from {cached_name}, "
+            f"this run: {_short(wanted['files'])} from {wanted_name})"
+        )
+    if cached["dtype"] != wanted["dtype"]:
+        problems.append(
+            f"teacher_dtype (cache: {cached['dtype']}, this run: {wanted['dtype']}; "
+            f"set teacher_dtype: {cached['dtype']} to use this cache)"
+        )
+    return problems
+
+
 def _short(value):
     if isinstance(value, dict):
         return {k: _short(v) for k, v in value.items()}
@@ -124,30 +148,48 @@ class TeacherCache:
         self.path = Path(path)
         manifest = self.path / MANIFEST
         if not manifest.is_file():
-            raise ValueError(
+            raise UserError(
                 f"teacher_cache {path} holds no {MANIFEST}: build it first with `distill cache-teacher RECIPE.yaml` "
                 "(the same recipe, with teacher_model_name_or_path set)"
             )
         self.manifest = json.loads(manifest.read_text(encoding="utf-8"))
         if self.manifest.get("format") != FORMAT:
-            raise ValueError(
-                f"teacher_cache {path} has format {self.manifest.get('format')}, this distill reads {FORMAT}"
+            raise UserError(
+                f"teacher_cache {path} was written by another version of distill (format "
+                f"{self.manifest.get('format')}, this one reads {FORMAT}): delete it and build it again with "
+                "`distill cache-teacher RECIPE.yaml`"
             )
         if not self.manifest.get("complete"):
-            raise ValueError(
+            raise UserError(
                 f"teacher_cache {path} is incomplete (its build was interrupted); run `distill cache-teacher` "
                 "with the same recipe again to finish it"
             )
         self.vocab_size = self.manifest["vocab_size"]
         self.k = self.manifest["identity"]["k"]
 
-    def check(self, identity: dict, teacher: str | None = None) -> None:
-        """ValueError unless the cache was built for a run with this identity (and this teacher)."""
-        problems = _mismatch(self.manifest["identity"], identity)
-        if teacher and teacher != self.manifest["teacher"]:
-            problems.append(f"teacher (cache: {self.manifest['teacher']}, this run: {teacher})")
+    def check(self, identity: dict) -> None:
+        """UserError unless the cache was built for a run with this identity."""
+        self._refuse(_mismatch(self.manifest["identity"], identity))
+
+    def check_teacher(self, teacher: str | None, dtype: str) -> str | None:
+        """UserError if ``teacher`` is a model on this machine other than the one the cache was built
+        from, or ``dtype`` is not the one it ran in. When it cannot be checked (no teacher named, not
+        on this machine, or a hub teacher at build time), the line to print saying so."""
+        built = self.manifest["teacher_fingerprint"]
+        digest = local_model_digest(teacher) if teacher else None
+        if digest is None or built["files"] is None:
+            why = (
+                "the recipe names none" if not teacher
+                else f"{teacher} is not a model on this machine" if digest is None
+                else f"it was built from {self.manifest['teacher']}, not a local model"
+            )  # fmt: skip
+            return f"distill: teacher_cache {self.path}: the teacher could not be checked ({why}); using its targets"
+        self._refuse(_teacher_mismatch(built, {"files": digest, "dtype": dtype}, self.manifest["teacher"], teacher))
+        return None
+
+    def _refuse(self, problems: list[str]) -> None:
         if problems:
-            raise ValueError(
+            raise UserError(
                 f"teacher_cache {self.path} was built for another run; it differs in: {'; '.join(problems)}. "
                 "Rebuild it with `distill cache-teacher` on this recipe, or restore the recipe it was built with."
             )
@@ -156,7 +198,7 @@ class TeacherCache:
         """The cache's ids span min(student vocab, teacher vocab); so must this student's logits."""
         width = student.get_output_embeddings().weight.shape[0]
         if min(width, self.manifest["teacher_vocab_size"]) != self.vocab_size:
-            raise ValueError(
+            raise UserError(
                 f"teacher_cache {self.path} was built for a shared vocabulary of {self.vocab_size} ids, but this "
                 f"student has {width} output logits; rebuild the cache with this student in the recipe"
             )
@@ -252,40 +294,49 @@ def _final_hidden(model, inputs: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_targets(teacher, batch: dict, k: int, temperature: float, vocab: int, chunk: int = 1024) -> TopKTargets:
+def teacher_targets(
+    teacher, batch: dict, k: int, temperature: float, vocab: int, chunk: int = 1024, meter: FlopMeter | None = None
+) -> TopKTargets:
     """Top-k targets of every target position of a batch, in row-major order, as fp32 tensors.
 
     From the final hidden states a chunk of rows at a time where the teacher allows it (the full
-    logits of a batch are never made), else from its logits.
+    logits of a batch are never made), else from its logits. ``meter`` counts the teacher's FLOPs.
     """
+    measure = meter.measure if meter is not None else lambda *args, **kwargs: contextlib.nullcontext()
     target = batch["labels"][:, 1:].ne(IGNORE_INDEX)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if supports_chunked_loss(teacher):
-        rows, weight = _final_hidden(teacher, inputs)[:, :-1][target], output_weight(teacher)[:vocab]
-        logits = (rows[i : i + chunk] @ weight.T for i in range(0, len(rows), chunk))
-    else:
-        full = teacher(**inputs).logits[:, :-1][target][:, :vocab]
-        logits = (full[i : i + chunk] for i in range(0, len(full), chunk))
-    parts = [teacher_topk(x, k, temperature) for x in logits]
+    with measure("teacher", inputs):
+        if supports_chunked_loss(teacher):
+            rows, weight = _final_hidden(teacher, inputs)[:, :-1][target], output_weight(teacher)[:vocab]
+            logits = (rows[i : i + chunk] @ weight.T for i in range(0, len(rows), chunk))
+            # The output layer runs on target rows only: its FLOPs are per row, not per batch shape.
+            with measure("teacher", {}, "output layer", units=len(rows)):
+                parts = [teacher_topk(x, k, temperature) for x in logits]
+        else:
+            full = teacher(**inputs).logits[:, :-1][target][:, :vocab]
+            parts = [teacher_topk(full[i : i + chunk], k, temperature) for i in range(0, len(full), chunk)]
     if not parts:
         return TopKTargets(torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long), torch.zeros(0))
     return TopKTargets(*(torch.cat(p) for p in zip(*parts)))
 
 
-def _write_shard(final: Path, arrays: dict) -> None:
-    """Write into final.tmp, then rename: a shard directory that exists is complete."""
+def _write_shard(final: Path, arrays: dict, cost: dict) -> None:
+    """Write into final.tmp, then rename: a shard directory that exists is complete. Its cost goes
+    with it, so that a resumed build still counts the teacher work of the shards it kept."""
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     for name, array in arrays.items():
         np.save(tmp / f"{name}.npy", array)
+    (tmp / "cost.json").write_text(json.dumps(cost) + "\n", encoding="utf-8")
     os.replace(tmp, final)
 
 
 def write_split(directory: Path, data, teacher, collator, *, k, temperature, vocab, batch_size, per_shard, progress):
     """Cache ``data``'s targets under ``directory``, skipping shards that are already complete."""
     device = next(teacher.parameters()).device
+    meter = FlopMeter()  # one for the split: each batch shape is counted once, not once per shard
     for index in range(math.ceil(len(data) / per_shard)):
         final = directory / f"shard-{index:05d}"
         first, last = index * per_shard, min(len(data), (index + 1) * per_shard)
@@ -294,17 +345,19 @@ def write_split(directory: Path, data, teacher, collator, *, k, temperature, voc
             continue
         arrays = {name: [] for name in ARRAYS}
         counts = []
+        started, flops_before = time.perf_counter(), meter.flops.get("teacher", 0)
         for start in range(first, last, batch_size):
             rows = [data[i] for i in range(start, min(last, start + batch_size))]
             batch = {key: value.to(device) for key, value in collator(rows).items()}
-            targets = teacher_targets(teacher, batch, k, temperature, vocab)
+            targets = teacher_targets(teacher, batch, k, temperature, vocab, meter=meter)
             for name, dtype in ARRAYS.items():
                 arrays[name].append(getattr(targets, name).cpu().numpy().astype(dtype))
             counts += batch["labels"][:, 1:].ne(IGNORE_INDEX).sum(1).tolist()
             progress.update(len(rows))
         out = {name: np.concatenate(parts) for name, parts in arrays.items()}
         out["offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        _write_shard(final, out)
+        cost = {"flops": meter.flops.get("teacher", 0) - flops_before, "examples": last - first}
+        _write_shard(final, out, {**cost, "seconds": time.perf_counter() - started})
 
 
 def _split_rows(directory: Path) -> tuple[int, int, float]:
@@ -315,8 +368,17 @@ def _split_rows(directory: Path) -> tuple[int, int, float]:
         tail = np.load(shard / "tail.npy")
         rows += len(tail)
         tail_mass += float(np.exp(tail.astype(np.float64)).sum())
-        size += sum(f.stat().st_size for f in shard.iterdir())
+        size += sum(f.stat().st_size for f in shard.glob("*.npy"))
     return rows, size, tail_mass / max(rows, 1)
+
+
+def _split_cost(directory: Path) -> dict:
+    """The teacher's work for a finished split: FLOPs, examples and wall seconds, over all its shards."""
+    total = {"flops": 0, "examples": 0, "seconds": 0.0}
+    for shard in sorted(directory.glob("shard-?????")):
+        cost = json.loads((shard / "cost.json").read_text(encoding="utf-8"))
+        total = {key: total[key] + cost[key] for key in total}
+    return total
 
 
 @torch.no_grad()
@@ -367,44 +429,65 @@ def build(
     """
     from tqdm.auto import tqdm
 
+    from distill.config import TRAIN_ARGUMENTS
     from distill.data import Collator, build_datasets
-    from distill.models import check_same_tokenizer, load_model, load_tokenizer, resolve, vocab_sizes_fit
+    from distill.models import (
+        check_max_length,
+        check_same_tokenizer,
+        load_model,
+        load_tokenizer,
+        resolve,
+        vocab_sizes_fit,
+    )
     from distill.recipe import load_recipe, parse
-    from distill.train import ARGUMENTS, teacher_dtype
 
-    model_args, data_args, config = parse(load_recipe(recipe_path, overrides), ARGUMENTS)
+    model_args, data_args, config = parse(load_recipe(recipe_path, overrides), TRAIN_ARGUMENTS)
     if not config.teacher_cache:
-        raise ValueError("set teacher_cache: PATH in the recipe (or --teacher_cache PATH): where to write the cache")
+        raise UserError("set teacher_cache: PATH in the recipe (or --teacher_cache PATH): where to write the cache")
     if not config.teacher_model_name_or_path:
-        raise ValueError("cache-teacher runs the teacher: set teacher_model_name_or_path in the recipe")
-    resolve(model_args.model_name_or_path)
-    resolve(config.teacher_model_name_or_path)
+        raise UserError("cache-teacher runs the teacher: set teacher_model_name_or_path in the recipe")
+    for name, role in ((model_args.model_name_or_path, "student"), (config.teacher_model_name_or_path, "teacher")):
+        resolve(name)
+        check_max_length(name, data_args.max_length, role)
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     check_same_tokenizer(tokenizer, load_tokenizer(config.teacher_model_name_or_path))
     with config.main_process_first(desc="tokenizing"):
         train_data, eval_data = build_datasets(data_args, tokenizer, seed=config.seed)
     splits = {name: d for name, d in (("train", train_data), ("eval", eval_data)) if d is not None}
     identity = run_identity(config, data_args, tokenizer, train_data, eval_data)
+    teacher_fingerprint = {
+        "files": local_model_digest(config.teacher_model_name_or_path),  # None for a hub id
+        "dtype": config.resolved_teacher_dtype,
+    }
 
     path = Path(config.teacher_cache)
     manifest_path = path / MANIFEST
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text(encoding="utf-8"))
-        problems = _mismatch(old.get("identity", {}), identity)
-        if old.get("teacher") != config.teacher_model_name_or_path:
-            problems.append(f"teacher (cache: {old.get('teacher')}, this run: {config.teacher_model_name_or_path})")
-        if old.get("format") != FORMAT or old.get("examples_per_shard") != examples_per_shard:
-            problems.append("format or shard size")
+        if old.get("format") != FORMAT:
+            raise UserError(
+                f"{path} holds a teacher cache written by another version of distill (format {old.get('format')}, "
+                f"this one writes {FORMAT}): delete it, or choose another teacher_cache path"
+            )
+        problems = _mismatch(old["identity"], identity) + _teacher_mismatch(
+            old["teacher_fingerprint"], teacher_fingerprint, old["teacher"], config.teacher_model_name_or_path
+        )
+        if old["examples_per_shard"] != examples_per_shard:
+            problems.append(
+                f"examples per shard (cache: {old['examples_per_shard']}, this build: {examples_per_shard})"
+            )
         if problems:
-            raise ValueError(
+            raise UserError(
                 f"{path} already holds a teacher cache of another run; it differs in: {'; '.join(problems)}. "
                 "Delete it or choose another teacher_cache path."
             )
     elif path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ValueError(f"teacher_cache {path} exists and is not a teacher cache: choose a new or empty directory")
+        raise UserError(f"teacher_cache {path} exists and is not a teacher cache: choose a new or empty directory")
 
     student = load_model(model_args.model_name_or_path, model_args.dtype, model_args.attn_implementation)
-    teacher = load_model(config.teacher_model_name_or_path, teacher_dtype(config), model_args.attn_implementation)
+    teacher = load_model(
+        config.teacher_model_name_or_path, config.resolved_teacher_dtype, model_args.attn_implementation
+    )
     vocab_sizes_fit(tokenizer, student, teacher)
     teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
     vocab = min(student.get_output_embeddings().weight.shape[0], teacher_vocab)
@@ -415,6 +498,7 @@ def build(
         "format": FORMAT,
         "identity": identity,
         "teacher": config.teacher_model_name_or_path,
+        "teacher_fingerprint": teacher_fingerprint,
         "teacher_vocab_size": teacher_vocab,
         "vocab_size": vocab,
         "examples_per_shard": examples_per_shard,
@@ -439,6 +523,8 @@ def build(
         manifest["splits"][name].update(rows=split_rows, bytes=split_size, mean_tail_mass=tail_mass)
         rows, size = rows + split_rows, size + split_size
     manifest["bytes_per_token"] = size / max(rows, 1)
+    # What running the teacher cost, per split, for the training run to bill as its teacher's share.
+    manifest["teacher_cost"] = {name: _split_cost(path / name) for name in splits}
     cache = TeacherCache.__new__(TeacherCache)  # the reader, on the manifest not yet marked complete
     cache.path, cache.manifest = path, manifest
     manifest["report"] = loss_error(

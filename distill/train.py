@@ -14,33 +14,64 @@ import yaml
 from transformers.trainer_utils import get_last_checkpoint
 
 from distill import adapters
-from distill.config import DataArguments, DistillConfig, ModelArguments
+from distill.config import TRAIN_ARGUMENTS
 from distill.data import Collator, build_datasets
-from distill.models import check_same_tokenizer, load_model, load_tokenizer, resolve, vocab_sizes_fit
+from distill.errors import UserError
+from distill.models import (
+    check_max_length,
+    check_same_tokenizer,
+    file_damage,
+    load_model,
+    load_tokenizer,
+    resolve,
+    vocab_sizes_fit,
+)
 from distill.recipe import load_recipe, parse
 from distill.teacher_cache import TargetsCollator, TeacherCache, run_identity
 from distill.trainer import DistillTrainer
 
-ARGUMENTS = (ModelArguments, DataArguments, DistillConfig)
-
-
-def teacher_dtype(config: DistillConfig) -> str:
-    if config.teacher_dtype != "auto":
-        return config.teacher_dtype
-    return "bfloat16" if config.bf16 else "float16" if config.fp16 else "float32"
+ARGUMENTS = TRAIN_ARGUMENTS
 
 
 def resume_checkpoint(config) -> str | None:
-    """`resume_from_checkpoint: true` (or "last") means the newest checkpoint in output_dir."""
+    """The checkpoint to resume from, checked whole. `resume_from_checkpoint: true` (or "last") means
+    the newest checkpoint in output_dir.
+
+    A save killed midway (preemption, a full disk) can leave the newest checkpoint with a file cut
+    short; resuming from it would fail deep inside torch.load or safetensors after the models loaded,
+    or not fail at all. Each file is checked as far as its format allows without reading the weights."""
     value = config.resume_from_checkpoint
     if value in (True, "true", "True", "last"):
-        last = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
-        if last is None:
-            raise ValueError(f"resume_from_checkpoint is set but {config.output_dir} holds no checkpoint-* folder")
-        return last
-    if value and not os.path.isdir(value):
-        raise ValueError(f"resume_from_checkpoint: {value} is not a checkpoint directory")
-    return value or None
+        value = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
+        if value is None:
+            raise UserError(f"resume_from_checkpoint is set but {config.output_dir} holds no checkpoint-* folder")
+    elif value and not os.path.isdir(value):
+        raise UserError(f"resume_from_checkpoint: {value} is not a checkpoint directory")
+    if not value:
+        return None
+
+    def first_damage(folder: Path) -> str | None:
+        for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+            if (why := file_damage(f)) is not None:
+                return f"{f.relative_to(folder)}: {why}"
+        return None
+
+    def step(folder: Path) -> int:  # -1: not a checkpoint-N folder
+        number = folder.name.removeprefix("checkpoint-")
+        return int(number) if number.isdigit() and folder.is_dir() else -1
+
+    checkpoint = Path(value)
+    damage = first_damage(checkpoint)
+    if damage is None:
+        return value
+    earlier = sorted((p for p in checkpoint.parent.iterdir() if 0 <= step(p) < step(checkpoint)), key=step)
+    whole = next((p for p in reversed(earlier) if first_damage(p) is None), None)
+    fix = (
+        f"resume from the one before with --resume_from_checkpoint {whole}, or delete {checkpoint}"
+        if whole
+        else f"no earlier checkpoint is whole: delete {checkpoint} and train from the start"
+    )
+    raise UserError(f"checkpoint {checkpoint} is damaged ({damage}); {fix}")
 
 
 def save_run_files(output_dir: str, recipe: dict, metrics: dict) -> None:
@@ -53,13 +84,20 @@ def save_run_files(output_dir: str, recipe: dict, metrics: dict) -> None:
 def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     recipe = load_recipe(recipe_path, overrides)
     model_args, data_args, config = parse(recipe, ARGUMENTS)
+    resume = resume_checkpoint(config)
+    config.check_output_dir(resuming=resume is not None)
     adapters.check(model_args, config)
     resolve(model_args.model_name_or_path)
+    check_max_length(model_args.model_name_or_path, data_args.max_length, "student")
     # With a teacher cache no teacher is loaded, or even needs to exist on this machine.
     cache = TeacherCache(config.teacher_cache) if config.teacher_cache else None
     if cache is None:
         resolve(config.teacher_model_name_or_path)
-    resume = resume_checkpoint(config)
+        check_max_length(config.teacher_model_name_or_path, data_args.max_length, "teacher")
+    else:
+        note = cache.check_teacher(config.teacher_model_name_or_path, config.resolved_teacher_dtype)
+        if note and config.process_index == 0:
+            print(note, flush=True)
 
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     if cache is None:
@@ -67,16 +105,16 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     with config.main_process_first(desc="tokenizing"):
         train_data, eval_data = build_datasets(data_args, tokenizer, seed=config.seed)
     if cache is not None:
-        cache.check(
-            run_identity(config, data_args, tokenizer, train_data, eval_data), config.teacher_model_name_or_path
-        )
+        cache.check(run_identity(config, data_args, tokenizer, train_data, eval_data))
 
     student = adapters.load_student(model_args, config)  # with LoRA adapters when use_peft is set
     if config.process_index == 0:
         print(adapters.trainable_parameters(student), flush=True)
     collator = Collator(tokenizer.pad_token_id)
     if cache is None:
-        teacher = load_model(config.teacher_model_name_or_path, teacher_dtype(config), model_args.attn_implementation)
+        teacher = load_model(
+            config.teacher_model_name_or_path, config.resolved_teacher_dtype, model_args.attn_implementation
+        )
         vocab_sizes_fit(tokenizer, student, teacher)
     else:
         teacher = None

@@ -11,36 +11,40 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 
 import torch
 from transformers import Trainer
 
 from distill.chunked import (
     chunked_distillation_loss,
-    chunked_top1_agreement,
     chunked_topk_distillation_loss,
     final_hidden_states,
     output_weight,
     supports_chunked_loss,
+    top1_rows,
 )
 from distill.config import DistillConfig
 from distill.cost import CostCallback
+from distill.errors import NonFiniteError
 from distill.losses import (
     IGNORE_INDEX,
     TopKTargets,
     distillation_loss,
+    shared_vocab,
     top1_agreement,
     topk_distillation_loss,
-    topk_top1_agreement,
 )
 from distill.placement import describe, parameter_bytes, place_teacher, sharding
 
 
 class MeteredTrainer(Trainer):
     """A `transformers.Trainer` that measures its training compute when `args.measure_cost` is set
-    (see distill.cost): the student's forward + backward of every training step, counted by the
-    CostCallback's FlopMeter, added to each training log and written to cost_report.json at the end.
-    `distill finetune` trains with it as is; DistillTrainer adds the teacher."""
+    (see distill.cost), and stops at the first step whose loss or gradients are not finite.
+
+    The cost: the student's forward + backward of every training step, counted by the CostCallback,
+    added to each training log and written to cost_report.json at the end. `distill finetune` trains
+    with it as is; DistillTrainer adds the teacher."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -52,18 +56,27 @@ class MeteredTrainer(Trainer):
         # Looked up, not kept: restore_callback_states_from_checkpoint replaces the callback object.
         return next((cb for cb in self.callback_handler.callbacks if isinstance(cb, CostCallback)), None)
 
-    def _measure(self, role: str, inputs: dict, *extra):
-        cost = self.cost
-        return cost.meter.measure(role, inputs, *extra) if cost else contextlib.nullcontext()
-
-    def _flops_key(self, inputs: dict) -> tuple:
-        """What the student's FLOPs depend on besides the input shapes (FlopMeter.measure's extra)."""
-        return ()
-
     def training_step(self, model, inputs, num_items_in_batch=None):
-        extra = self._flops_key(inputs) if self.cost else ()
-        with self._measure("student", inputs, *extra):  # forward + backward; a teacher inside counts apart
-            return super().training_step(model, inputs, num_items_in_batch)
+        with self.cost.student_step(inputs) if self.cost else contextlib.nullcontext():
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        if not bool(torch.isfinite(loss)):
+            raise NonFiniteError(
+                f"step {self.state.global_step + 1}: the training loss is {loss.item()}. Check the data and the "
+                "model's weights, lower learning_rate, or resume from an earlier checkpoint"
+            )
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # The Trainer computes the global gradient norm (clipped or not) before every optimizer step:
+        # the one place to stop before a non-finite gradient reaches the weights. Under fp16 a
+        # non-finite gradient is the loss scaler's business: it skips the step and lowers its scale.
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        if grad_norm is not None and not self.args.fp16 and not math.isfinite(float(grad_norm)):
+            raise NonFiniteError(
+                f"step {self.state.global_step + 1}: the gradients are not finite (norm {float(grad_norm)}) although "
+                "the loss is; lower learning_rate, keep max_grad_norm > 0, or resume from an earlier checkpoint"
+            )
+        return grad_norm
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self.cost:
@@ -92,7 +105,10 @@ class DistillTrainer(MeteredTrainer):
                 raise ValueError("DistillTrainer needs a teacher model, or args.teacher_cache with its top-k targets")
             from distill.teacher_cache import TeacherCache
 
-            self._targets_vocab = TeacherCache(self.args.teacher_cache).vocab_size
+            cache = TeacherCache(self.args.teacher_cache)
+            self._targets_vocab = cache.vocab_size
+            if self.cost:
+                self.cost.teacher_cache = cache.manifest["teacher_cost"]["train"]
         # The chunked loss reads the output layers' weights whole, outside their forward; the
         # sharding engines only gather them inside it.
         self._chunked = (
@@ -101,9 +117,12 @@ class DistillTrainer(MeteredTrainer):
             and supports_chunked_loss(self.model)
             and (self.teacher is None or supports_chunked_loss(self.teacher))
         )
+        # Inside the Trainer autocast covers only the model's forward, not compute_loss: the chunked
+        # loss is told the run's mixed-precision dtype for its output-layer matmuls.
+        self._compute_dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
         self._train_sums = torch.zeros(2)  # kd, ce since the last log, each already a step mean
         self._eval_sums = torch.zeros(4)  # kd*tokens, ce*tokens, agreeing tokens, tokens
-        self._last_logged_step = 0
+        self._last_logged_step = None  # the global step before the first micro-batch since the last log
         self._eval_prefix = "eval"
 
     def _prepare_teacher(self, teacher: torch.nn.Module) -> torch.nn.Module:
@@ -115,30 +134,33 @@ class DistillTrainer(MeteredTrainer):
             print(describe(teacher, self.accelerator, held, full), flush=True)
         return teacher
 
+    def _teacher_cost(self, inputs: dict):
+        # Evaluation's teacher calls are not training compute.
+        training = self.model.training and self.cost
+        return self.cost.teacher_forward(inputs) if training else contextlib.nullcontext()
+
     @torch.no_grad()
     def teacher_logits(self, inputs: dict) -> torch.Tensor:
-        # Evaluation's teacher calls are not training compute.
-        with self._measure("teacher", inputs) if self.model.training else contextlib.nullcontext():
+        with self._teacher_cost(inputs):
             return self.teacher(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
 
     @torch.no_grad()
     def teacher_hidden(self, inputs: dict) -> torch.Tensor:
         """The teacher's final hidden states, for the chunked loss (its logits are never made)."""
-        with self._measure("teacher", inputs) if self.model.training else contextlib.nullcontext():
-            with final_hidden_states(self.teacher) as captured:
-                self.teacher(
-                    input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), logits_to_keep=1
-                )
-            return captured["hidden"]
-
-    def _flops_key(self, inputs: dict) -> tuple:
-        # The chunked loss computes the output layers on target rows only: their number sets its FLOPs.
-        return (int(inputs["labels"][:, 1:].ne(IGNORE_INDEX).sum()),) if self._chunked else ()
+        with self._teacher_cost(inputs), final_hidden_states(self.teacher) as captured:
+            self.teacher(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), logits_to_keep=1)
+        return captured["hidden"]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out, outputs, agreement = self._distill(model, inputs, num_items_in_batch)
+        if not model.training and self.accelerator.num_processes > 1:
+            inputs = {**inputs, "labels": self._without_padded_rows(inputs["labels"])}
+        out, outputs, agreement, sides = self._distill(model, inputs, num_items_in_batch)
+        if not bool(torch.isfinite(out.loss)):
+            raise self._non_finite(out.loss, sides, model.training)
         loss = out.loss
         if model.training:
+            if self._last_logged_step is None:
+                self._last_logged_step = self.state.global_step
             self._train_sums += torch.stack([out.kd, out.ce]).cpu()
         else:
             matches, tokens = agreement
@@ -149,8 +171,40 @@ class DistillTrainer(MeteredTrainer):
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
+    def _without_padded_rows(self, labels: torch.Tensor) -> torch.Tensor:
+        """``labels`` with -100 on the rows accelerate added to even out the last evaluation batches.
+
+        So that every process runs the same number of batches, accelerate pads the last ones with
+        copies of earlier rows, and its gather_for_metrics drops them again. The evaluation sums here
+        are kept by hand, so they ask gather_for_metrics which of this process's rows it keeps.
+        """
+        rows = labels.shape[0]
+        ids = torch.arange(rows, device=labels.device) + self.accelerator.process_index * (1 << 32)
+        kept = self.accelerator.gather_for_metrics(ids)
+        if len(kept) == rows * self.accelerator.num_processes:
+            return labels
+        return labels.masked_fill(~torch.isin(ids, kept)[:, None], IGNORE_INDEX)
+
+    def _non_finite(self, loss, sides: dict, training: bool) -> NonFiniteError:
+        """Which side made the loss non-finite: the first of teacher, student whose output is not."""
+        where = f"step {self.state.global_step + 1}" if training else f"evaluation at step {self.state.global_step}"
+        advice = {
+            "teacher": "check the teacher's weights, and teacher_dtype (float16 overflows in some models: use "
+            "bfloat16 or float32)",
+            "student": "the student diverged or holds NaN weights: lower learning_rate, keep max_grad_norm > 0, or "
+            "resume from an earlier checkpoint",
+        }
+        for side, tensors in sides.items():
+            if not all(bool(torch.isfinite(t).all()) for t in tensors):
+                return NonFiniteError(f"{where}: the {side}'s logits are not finite (NaN or inf); {advice[side]}")
+        return NonFiniteError(
+            f"{where}: the loss is {loss.item()} although both sides' logits are finite; check temperature, "
+            "loss_type and the labels"
+        )
+
     def _distill(self, model, inputs, num_items_in_batch):
-        """(DistillationLoss, student outputs, (matches, tokens) at evaluation else None).
+        """(DistillationLoss, student outputs, (matches, tokens) at evaluation else None, the tensors
+        each side produced, for finding a non-finite one).
 
         Four paths, one loss: teacher model or cached top-k targets, each through the reference
         losses (full logits) or the chunked ones (hidden states; the outputs then hold the logits of
@@ -170,37 +224,56 @@ class DistillTrainer(MeteredTrainer):
         targets = None
         if self.teacher is None:
             targets = TopKTargets(inputs["teacher_logprobs"], inputs["teacher_ids"], inputs["teacher_tail"])
+            # Positions without a target hold zeros; a tail may be -inf (k = vocabulary), never NaN.
+            teacher_side = [targets.logprobs, targets.tail.nan_to_num(neginf=0.0)]
         if self._chunked:
             unwrapped = self.accelerator.unwrap_model(model)
             with final_hidden_states(unwrapped) as student:
                 outputs = model(**model_inputs, logits_to_keep=1)
             hidden, weight = student["hidden"], output_weight(unwrapped)
-            if targets is not None:
-                teacher = targets
-                out = chunked_topk_distillation_loss(
-                    hidden, weight, targets, labels, vocab_size=self._targets_vocab, **kw
+            rows = int(labels[:, 1:].ne(IGNORE_INDEX).sum())
+            if targets is None:
+                teacher = (self.teacher_hidden(inputs), output_weight(self.teacher))
+                teacher_side = list(teacher)
+                vocab = min(weight.shape[0], teacher[1].shape[0])
+                # The teacher's output layer runs inside the loss: one (rows x hidden_T) @ (hidden_T x vocab).
+                key, teacher_per_row = (
+                    ("logits", hidden.shape[-1], teacher[1].shape[1], vocab),
+                    2 * teacher[1].shape[1] * vocab,
                 )
             else:
-                teacher = (self.teacher_hidden(inputs), output_weight(self.teacher))
-                out = chunked_distillation_loss(hidden, weight, *teacher, labels, **kw)
-                if not evaluating and self.cost:
-                    # The teacher's output layer ran inside the loss, in the student's block: one
-                    # (targets x hidden) @ (hidden x shared vocab) matmul that is the teacher's work.
-                    vocab = min(weight.shape[0], teacher[1].shape[0])
-                    self.cost.meter.move(2 * int(out.num_tokens) * teacher[1].shape[1] * vocab, "student", "teacher")
+                vocab = self._targets_vocab
+                key, teacher_per_row = ("top-k", hidden.shape[-1], vocab, targets.ids.shape[-1]), 0
+            with (
+                self.cost.output_layers(rows, key, teacher_per_row)
+                if self.cost and not evaluating
+                else contextlib.nullcontext()
+            ):
+                if targets is None:
+                    out = chunked_distillation_loss(
+                        hidden, weight, *teacher, labels, compute_dtype=self._compute_dtype, **kw
+                    )
+                else:
+                    out = chunked_topk_distillation_loss(
+                        hidden, weight, targets, labels, vocab_size=vocab, compute_dtype=self._compute_dtype, **kw
+                    )
+            sides = {"teacher": teacher_side, "student": [hidden]}
+            agreement = None
             if evaluating:
-                return out, outputs, chunked_top1_agreement(hidden, weight, teacher, labels, self._targets_vocab)
-            return out, outputs, None
+                teacher_top1 = targets.ids[..., 0] if targets is not None else top1_rows(teacher[0], teacher[1], vocab)
+                agreement = top1_agreement(top1_rows(hidden, weight, vocab), teacher_top1, labels)
+            return out, outputs, agreement, sides
         outputs = model(**model_inputs)
         if targets is not None:
             out = topk_distillation_loss(outputs.logits, targets, labels, vocab_size=self._targets_vocab, **kw)
-            agreement = (
-                topk_top1_agreement(outputs.logits, targets, labels, self._targets_vocab) if evaluating else None
-            )
-            return out, outputs, agreement
-        teacher_logits = self.teacher_logits(inputs)
-        out = distillation_loss(outputs.logits, teacher_logits, labels, **kw)
-        return out, outputs, top1_agreement(outputs.logits, teacher_logits, labels) if evaluating else None
+            top1 = (outputs.logits[..., : self._targets_vocab].argmax(-1), targets.ids[..., 0]) if evaluating else None
+        else:
+            teacher_logits = self.teacher_logits(inputs)
+            teacher_side = [teacher_logits]
+            out = distillation_loss(outputs.logits, teacher_logits, labels, **kw)
+            top1 = [x.argmax(-1) for x in shared_vocab(outputs.logits, teacher_logits)] if evaluating else None
+        agreement = top1_agreement(*top1, labels) if evaluating else None
+        return out, outputs, agreement, {"teacher": teacher_side, "student": [outputs.logits]}
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -218,13 +291,18 @@ class DistillTrainer(MeteredTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Called on every process, so the cross-process reductions below line up.
         prefix = self._eval_prefix
-        if any(k.startswith(f"{prefix}_") for k in logs) and self._eval_sums[3] > 0:
+        if f"{prefix}_runtime" in logs:
+            # Every process reduces, also one whose rows were all padding copies (it holds zeros).
             kd, ce, agree, tokens = self._reduce(self._eval_sums).tolist()
-            logs[f"{prefix}_kd_loss"] = kd / tokens
-            logs[f"{prefix}_ce_loss"] = ce / tokens
-            logs[f"{prefix}_agreement"] = agree / tokens
             self._eval_sums.zero_()
-        elif "loss" in logs and self.state.global_step > self._last_logged_step:
+            if tokens > 0:
+                logs[f"{prefix}_kd_loss"] = kd / tokens
+                logs[f"{prefix}_ce_loss"] = ce / tokens
+                logs[f"{prefix}_agreement"] = agree / tokens
+                # The Trainer's eval_loss is a mean of batch means over padded batches; this is the
+                # training loss's own definition, over every held-out target token once.
+                logs[f"{prefix}_loss"] = (self.args.alpha * kd + (1.0 - self.args.alpha) * ce) / tokens
+        elif "loss" in logs and self._last_logged_step is not None and self.state.global_step > self._last_logged_step:
             kd, ce = self._reduce(self._train_sums).tolist()
             # Each micro-batch term is already divided by the step's global token count; summed over
             # processes that is the global mean, unless tokens were not averaged across devices.
@@ -234,5 +312,5 @@ class DistillTrainer(MeteredTrainer):
             logs["kd_loss"] = kd / per
             logs["ce_loss"] = ce / per
             self._train_sums.zero_()
-            self._last_logged_step = self.state.global_step
+            self._last_logged_step = None
         super().log(logs, start_time)

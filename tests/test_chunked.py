@@ -322,3 +322,60 @@ def test_trainer_falls_back_where_the_model_does_not_allow_chunking(tmp_path):
                      num_key_value_heads=1, head_dim=8, final_logit_softcapping=30.0)
     )  # fmt: skip
     trainer_pair(tmp_path, tiny_llama(), teacher, False, chunked_loss=True)
+
+
+def scaled_fp16_gradients(fn, case, loss_scale, **kw):
+    """Gradients of (h_S, W_S) as fp16 training makes them: fp16 tensors, the loss multiplied by the
+    loss scale before backward (GradScaler, DeepSpeed), the gradients divided by it afterwards."""
+    h_s, w_s, h_t, w_t = (x.detach().half().requires_grad_(x.requires_grad) for x in case[:4])
+    labels = case[4]
+    out = fn(h_s, w_s, h_t, w_t, labels, **kw)
+    (out.loss * loss_scale).backward()
+    return h_s.grad.double() / loss_scale, w_s.grad.double() / loss_scale
+
+
+@pytest.mark.parametrize("loss_type", ["forward_kl", "reverse_kl", "jsd"])
+def test_fp16_with_loss_scaling_is_as_accurate_as_the_reference_path(loss_type):
+    """Under fp16 weights and a 2^16 loss scale, with the loss normalised by a large step (131,072
+    target tokens, gradient accumulation over many micro-batches), the chunked gradients are as close
+    to the float64 ones as the reference path's, and the weight gradient is not flushed to zero."""
+    case = make_case(torch.float64, vocab_s=512, vocab_t=512, hidden_s=64, hidden_t=64)
+    kw = {"alpha": 0.5, "temperature": 2.0, "loss_type": loss_type, "num_items_in_batch": 131_072}
+    _, want_h, want_w = run(textbook, case, **kw)
+    errors = {}
+    for name, fn in (("reference", reference), ("chunked", chunked_distillation_loss)):
+        got_h, got_w = scaled_fp16_gradients(fn, case, 2.0**16, **kw)
+        errors[name] = [((got - want).abs().max() / want.abs().max()).item() for got, want in
+                        ((got_h, want_h), (got_w, want_w))]  # fmt: skip
+        errors[name].append((got_w == 0).double().mean().item())
+    ref_h, ref_w, ref_zeros = errors["reference"]
+    got_h, got_w, got_zeros = errors["chunked"]
+    assert ref_h < 1e-2 and ref_w < 1e-2, errors  # the reference is accurate: the check can tell
+    assert got_h <= 2 * ref_h and got_w <= 2 * ref_w, errors
+    assert got_zeros <= ref_zeros + 0.01, errors
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), (None, torch.float32)])
+def test_the_trainer_runs_the_output_layers_in_the_runs_mixed_precision(tmp_path, monkeypatch, precision, dtype):
+    """Inside the Trainer autocast covers the model's forward only, not compute_loss: with `bf16: true`
+    the chunked loss must still run the student's and the teacher's output matmuls in bf16 (the
+    largest matmuls of a small student), and in fp32 without mixed precision."""
+    import distill.chunked
+
+    seen = []
+
+    def spy(h, w, compute_dtype, math_dtype):
+        seen.append(compute_dtype)
+        return logits(h, w, compute_dtype, math_dtype)
+
+    logits = distill.chunked._logits
+    monkeypatch.setattr(distill.chunked, "_logits", spy)
+    torch.manual_seed(0)
+    student, teacher = tiny_llama(), tiny_llama(hidden_size=24, num_attention_heads=3, num_key_value_heads=3)
+    trainer, model = trainer_pair(tmp_path, student, teacher, True, **({precision: True} if precision else {}))
+    inputs = trainer._prepare_inputs(trainer_batch())
+    model.train()
+    with trainer.compute_loss_context_manager():
+        trainer.compute_loss(model, inputs, num_items_in_batch=torch.tensor(40)).backward()
+    assert seen and set(seen) == {dtype}
+    assert model.lm_head.weight.grad.dtype == torch.float32  # fp32 master weights get fp32 gradients

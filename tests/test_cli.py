@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
+from distill import train
 from distill.cli import main
+from distill.errors import NonFiniteError
 from distill.models import load_tokenizer
 
 from conftest import DATA, ROOT, STUDENT, TEACHER
@@ -102,3 +104,29 @@ def test_the_script_entry_point_reports_errors_without_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert "alpha must be in [0, 1]" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_plain_value_error_inside_a_job_is_a_bug_and_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    """Only a UserError is shown as the user's mistake; a ValueError from distill's own code (or a
+    library's) propagates with its traceback instead of passing for a bad recipe."""
+
+    def bug(*args, **kwargs):
+        raise ValueError("bug")
+
+    monkeypatch.setattr(train, "run", bug)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("".join(f"{k}: {v}\n" for k, v in BASE.items()))
+    with pytest.raises(ValueError, match="bug"):
+        main(["train", str(recipe)])
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_a_non_finite_training_value_stops_the_job_with_exit_code_1(tmp_path, monkeypatch, capsys):
+    def diverges(*args, **kwargs):
+        raise NonFiniteError("the loss is nan at step 3")
+
+    monkeypatch.setattr(train, "run", diverges)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("".join(f"{k}: {v}\n" for k, v in BASE.items()))
+    assert main(["train", str(recipe)]) == 1
+    assert capsys.readouterr().err.strip() == "distill train: stopped: the loss is nan at step 3"

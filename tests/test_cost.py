@@ -175,12 +175,17 @@ def test_cost_command_reports_user_errors(capsys, argv, message):
 # The callback inside a real DistillTrainer run.
 
 
-def train(output_dir, max_steps=4, resume=None, stop_at=None, **config):
+def train(output_dir, max_steps=4, resume=None, stop_at=None, callbacks=(), prompts=False, **config):
+    """A short DistillTrainer run on random 16-token rows; ``prompts``: each row's first 1..12 tokens
+    are a prompt (-100), so batches of one shape hold different numbers of target tokens."""
     g = torch.Generator().manual_seed(0)
     data = []
-    for _ in range(16):
+    for i in range(16):
         ids = torch.randint(0, 64, (16,), generator=g)
-        data.append({"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones(16, dtype=torch.long)})
+        labels = ids.clone()
+        if prompts:
+            labels[: 1 + i % 12] = -100
+        data.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones(16, dtype=torch.long)})
     args = DistillConfig(
         output_dir=str(output_dir),
         teacher_model_name_or_path="in-memory",
@@ -203,7 +208,7 @@ def train(output_dir, max_steps=4, resume=None, stop_at=None, **config):
         args=args,
         train_dataset=data,
         data_collator=default_data_collator,
-        callbacks=[StopAt(stop_at)] if stop_at else None,
+        callbacks=[*callbacks, *([StopAt(stop_at)] if stop_at else [])],
     )
     trainer.train(resume_from_checkpoint=resume)
     report = output_dir / "cost_report.json"
@@ -278,3 +283,39 @@ def test_the_meter_can_be_turned_off(tmp_path):
     trainer, report = train(tmp_path, max_steps=1, measure_cost=False)
     assert trainer.cost is None and report is None
     assert not any("flops_total" in h for h in trainer.state.log_history)
+
+
+def test_batches_of_one_shape_are_measured_once_whatever_their_target_counts(tmp_path, monkeypatch):
+    """Prompt/completion batches: one shape, a different number of target rows in each. The chunked
+    loss's output layers scale with the rows, so the meter measures once and scales; the total equals
+    a count that measures every block of every step."""
+    trainer, report = train(tmp_path / "once", max_steps=6, prompts=True)
+    assert trainer._chunked and trainer.cost.meter.measurements == 1
+
+    measure = FlopMeter.measure
+
+    def measure_always(self, *args, **kwargs):
+        self._known.clear()
+        return measure(self, *args, **kwargs)
+
+    monkeypatch.setattr(FlopMeter, "measure", measure_always)
+    trainer, exact = train(tmp_path / "every", max_steps=6, prompts=True)
+    assert trainer.cost.meter.measurements == 6
+    assert exact["flops"] == report["flops"]
+
+
+def test_activation_checkpointing_recompute_is_hardware_flops_not_model_flops(tmp_path):
+    """MFU is defined on model FLOPs (PaLM, app. B): recomputing checkpointed layers in backward is
+    work the hardware does, reported apart as hardware FLOPs (HFU), not as model FLOPs."""
+    _, plain = train(tmp_path / "plain", max_steps=2, peak_tflops=1.0)
+    _, checkpointed = train(tmp_path / "checkpointed", max_steps=2, peak_tflops=1.0, activation_checkpointing=True)
+    assert checkpointed["flops"] == plain["flops"]
+    assert plain["hardware_flops"]["recomputed"] == 0
+    assert plain["hardware_flops"]["total"] == plain["flops"]["total"]
+    # each decoder layer's forward runs once more: a third of the layers' forward + backward
+    recomputed = checkpointed["hardware_flops"]["recomputed"]
+    assert 0.1 * checkpointed["flops"]["student"] < recomputed < checkpointed["flops"]["student"] / 3
+    assert checkpointed["hardware_flops"]["total"] == checkpointed["flops"]["total"] + recomputed
+    assert checkpointed["hfu"] / checkpointed["mfu"] == pytest.approx(
+        checkpointed["hardware_flops"]["total"] / checkpointed["flops"]["total"]
+    )

@@ -8,6 +8,7 @@ import pytest
 
 from distill.config import DataArguments
 from distill.data import Collator, build_datasets, detect_format, load_rows, tokenize
+from distill.errors import UserError
 from distill.losses import IGNORE_INDEX
 
 
@@ -86,3 +87,33 @@ def test_collator_right_pads_with_minus_100_labels_and_a_zero_mask():
     assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
     assert batch["labels"].tolist() == [[5, 6, 7, -100], [-100, -100, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+
+
+@pytest.mark.parametrize(
+    "rows,why",
+    [
+        ({"prompt": ["Q: a?\nA:", "Q: b?\nA:"], "completion": ["", " "]}, "the completion is empty"),
+        (
+            {"messages": [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]] * 2},
+            "no assistant turn has content",
+        ),
+        ({"text": ["", ""]}, "the text is empty"),
+    ],
+    ids=["prompt-completion", "messages", "text"],
+)
+def test_data_without_any_target_text_is_refused(tokenizer, rows, why):
+    """Every row would keep only an end-of-sequence token as its target: nothing to learn."""
+    with pytest.raises(UserError, match=f"has nothing to train on: in all 2 rows {why}"):
+        tokenize(datasets.Dataset.from_dict(rows), tokenizer, max_length=64)
+
+
+def test_rows_with_an_empty_completion_among_good_ones_are_kept_and_counted_aloud(tokenizer, capsys):
+    """An empty answer still teaches to stop (as a teacher that stopped at once did), so the row stays;
+    but such rows usually mean a generation or conversion went wrong, so their number is printed."""
+    rows = datasets.Dataset.from_dict(
+        {"prompt": ["Q: a?\nA:", "Q: b?\nA:", "Q: c?\nA:"], "completion": [" x", "", " z"]}
+    )
+    out = tokenize(rows, tokenizer, max_length=64, name="dataset d.jsonl")
+    assert len(out) == 3
+    assert [t for t in out[1]["labels"] if t != IGNORE_INDEX] == [tokenizer.eos_token_id]
+    assert "dataset d.jsonl: in 1 of 3 rows the completion is empty" in capsys.readouterr().out

@@ -178,8 +178,26 @@ def test_top1_agreement_counts_matching_argmax_on_target_positions_only():
     t = torch.tensor([[[0.0, 5.0, 0.0], [5.0, 0.0, 0.0], [0.0, 0.0, 5.0]]])
     s = torch.tensor([[[0.0, 9.0, 0.0], [0.0, 9.0, 0.0], [9.0, 0.0, 0.0]]])
     labels = torch.tensor([[0, 1, 2]])
-    matches, tokens = top1_agreement(s, t, labels)
+    matches, tokens = top1_agreement(s.argmax(-1), t.argmax(-1), labels)
     assert (matches.item(), tokens.item()) == (1, 2)
     labels[0, 1] = -100
-    matches, tokens = top1_agreement(s, t, labels)
+    matches, tokens = top1_agreement(s.argmax(-1), t.argmax(-1), labels)
     assert (matches.item(), tokens.item()) == (0, 1)
+
+
+@pytest.mark.parametrize("loss_type,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("jsd", 0.0),
+                                            ("jsd", 1.0)])  # fmt: skip
+def test_the_closed_form_gradient_is_autograd_of_the_divergence_in_float64(loss_type, beta):
+    """divergence_and_grad_ (what the chunked paths use) returns the divergence itself and its
+    gradient with respect to the student's logits, as autograd of `divergence` computes them."""
+    from distill.losses import divergence, divergence_and_grad_
+
+    g = torch.Generator().manual_seed(3)
+    a = (torch.randn(6, 40, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    t = torch.randn(6, 40, generator=g, dtype=torch.float64) * 3
+    log_s, log_t = torch.log_softmax(a, -1), torch.log_softmax(t, -1)
+    want = divergence(log_s, log_t, loss_type, beta)
+    (want_grad,) = torch.autograd.grad(want.sum(), a)
+    got, got_grad = divergence_and_grad_(log_s.detach().clone(), log_t.clone(), loss_type, beta)
+    torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-10, atol=1e-14)

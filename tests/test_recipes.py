@@ -10,6 +10,7 @@ import yaml
 
 import distill.config
 from distill import finetune, generate, train
+from distill.errors import UserError
 from distill.recipe import parse
 
 from conftest import ROOT
@@ -82,3 +83,27 @@ def test_unknown_keys_are_refused_with_a_suggestion():
             {"model_name_or_path": "s", "teacher_model_name_or_path": "t", "dataset": "d", "lerning_rate": 1},
             train.ARGUMENTS,
         )
+
+
+MINIMAL = {"model_name_or_path": "s", "teacher_model_name_or_path": "t", "dataset": "d.jsonl", "use_cpu": True}
+
+
+def test_what_training_arguments_itself_refuses_is_a_user_error(tmp_path):
+    """TrainingArguments' own __post_init__ checks raise plain ValueErrors; from a recipe they are the
+    user's to fix, so parse hands them on as UserError (one line at the CLI, not a traceback)."""
+    with pytest.raises(UserError, match="bad recipe value: bogus is not a valid SchedulerType"):
+        parse({**MINIMAL, "output_dir": str(tmp_path), "lr_scheduler_type": "bogus"}, train.ARGUMENTS)
+
+
+def test_integer_keys_take_whole_numbers_in_any_spelling_and_nothing_else(tmp_path):
+    """`max_steps: 1e4` (YAML 1.1: the string "1e4", read as the float 10000.0) is the integer 10000;
+    a fraction or a boolean is refused rather than truncated or read as 0/1."""
+    _, data_args, config = parse(
+        {**MINIMAL, "output_dir": str(tmp_path), "max_steps": 1e4, "max_length": "64", "save_steps": "1e2"},
+        train.ARGUMENTS,
+    )
+    assert config.max_steps == 10000 and type(config.max_steps) is int
+    assert data_args.max_length == 64 and config.save_steps == 100
+    for value in (2.5, True, "ten"):
+        with pytest.raises(UserError, match=f"max_steps: {value!r} is not an integer"):
+            parse({**MINIMAL, "output_dir": str(tmp_path), "max_steps": value}, train.ARGUMENTS)

@@ -3,21 +3,28 @@ from it loads no teacher and sees the teacher's targets."""
 
 import copy
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from distill import teacher_cache, train
 from distill.cli import main
 from distill.config import DataArguments, DistillConfig
 from distill.data import Collator, build_datasets
+from distill.errors import UserError
+from distill.flops import flop_counter
 from distill.losses import IGNORE_INDEX, teacher_topk
 from distill.models import load_model, load_tokenizer
 from distill.trainer import DistillTrainer
 
-from conftest import DATA, STUDENT, TEACHER
+from conftest import DATA, ROOT, STUDENT, TEACHER
 
 K = 8
 SHARD = 4  # examples per shard: the small data below makes several shards
@@ -103,14 +110,14 @@ def test_an_interrupted_build_resumes_to_the_same_bytes(tmp_path, built, monkeyp
     real_write = teacher_cache._write_shard
     written = []
 
-    def dies_on_third(final, data):
+    def dies_on_third(final, *data):
         if len(written) == 2:
             tmp = final.with_name(final.name + ".tmp")
             tmp.mkdir(parents=True)
             (tmp / "logprobs.npy").write_bytes(b"half a shard")
             raise KeyboardInterrupt
         written.append(final)
-        real_write(final, data)
+        real_write(final, *data)
 
     monkeypatch.setattr(teacher_cache, "_write_shard", dies_on_third)
     with pytest.raises(KeyboardInterrupt):
@@ -128,6 +135,10 @@ def test_an_interrupted_build_resumes_to_the_same_bytes(tmp_path, built, monkeyp
     assert resumed.keys() == uninterrupted.keys()
     for name in resumed:
         assert resumed[name].tobytes() == uninterrupted[name].tobytes(), name
+    # The teacher's cost counts the shards the first build finished too.
+    for split in ("train", "eval"):
+        for key in ("flops", "examples"):
+            assert manifest["teacher_cost"][split][key] == built[1]["teacher_cost"][split][key], (split, key)
 
 
 @pytest.mark.parametrize(
@@ -180,6 +191,24 @@ def test_training_from_the_cache_loads_no_teacher(tmp_path, built, monkeypatch):
     assert history["train"]["train_loss"] > 0
 
 
+def test_training_from_the_cache_bills_the_teacher_its_share_of_the_cache_build(tmp_path, built):
+    """The teacher ran when the cache was built: the run is billed the build's measured FLOPs for the
+    part of the cached examples it read (3 steps x 4 of them), stated as amortised, and that work is
+    left out of the run's own FLOP/s."""
+    path = recipe(tmp_path, teacher_cache=built[2], teacher_model_name_or_path=None, max_steps=3,
+                  per_device_train_batch_size=4, save_strategy="no", disable_tqdm=True)  # fmt: skip
+    train.run(path)
+    report = json.loads((tmp_path / "out" / "cost_report.json").read_text())
+    build = built[1]["teacher_cost"]["train"]
+    share = 12 / build["examples"]
+    assert report["teacher_source"] == "cache"
+    assert report["teacher_cache"]["share"] == pytest.approx(share)
+    assert report["flops"]["teacher"] == round(build["flops"] * share) > 0
+    assert report["flops"]["total"] == report["flops"]["teacher"] + report["flops"]["student"]
+    done_here = report["flops_per_second_per_device"] * report["wall_seconds"]
+    assert done_here == pytest.approx(report["flops"]["student"])
+
+
 @pytest.mark.parametrize("chunked", [True, False])
 def test_training_on_full_vocabulary_targets_equals_training_with_the_teacher(tmp_path, chunked):
     """With k = the shared vocabulary the cache *is* the teacher: same loss and student gradients
@@ -211,3 +240,110 @@ def test_training_on_full_vocabulary_targets_equals_training_with_the_teacher(tm
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-7)
+
+
+class Accepted(Exception):
+    """Raised in place of loading the student: the run got past every check of the cache."""
+
+
+def train_until_the_student_loads(monkeypatch, path):
+    """`distill train` on the recipe at ``path``: its exit code if it stops before loading the student
+    (an error), else Accepted."""
+
+    def accepted(*args, **kwargs):
+        raise Accepted
+
+    monkeypatch.setattr(train.adapters, "load_student", accepted)
+    monkeypatch.setattr(train, "load_model", accepted)
+    return main(["train", path])
+
+
+def test_a_teacher_changed_in_place_is_refused(tmp_path, monkeypatch, capsys):
+    """Same path, other weights (here halved): the cache's targets are not this teacher's."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(TEACHER, teacher)
+    small = {"teacher_model_name_or_path": str(teacher), "max_train_samples": 4, "max_eval_samples": 2}
+    teacher_cache.build(recipe(tmp_path, **small), examples_per_shard=SHARD)
+    weights = load_file(teacher / "model.safetensors")
+    save_file({name: w * 0.5 for name, w in weights.items()}, teacher / "model.safetensors", metadata={"format": "pt"})
+    assert train_until_the_student_loads(monkeypatch, recipe(tmp_path, **small)) == 2
+    err = capsys.readouterr().err
+    assert "was built for another run" in err and "the teacher's weights or config" in err and str(teacher) in err
+
+
+def test_a_teacher_run_in_another_dtype_is_refused(tmp_path, built, monkeypatch, capsys):
+    path = recipe(tmp_path, teacher_cache=built[2], teacher_dtype="bfloat16")
+    assert train_until_the_student_loads(monkeypatch, path) == 2
+    err = capsys.readouterr().err
+    assert "teacher_dtype (cache: float32, this run: bfloat16; set teacher_dtype: float32 to use this cache)" in err
+
+
+def test_the_same_teacher_spelled_as_a_relative_path_is_accepted(tmp_path, built, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    relative = "./" + str(Path(TEACHER).relative_to(ROOT))
+    with pytest.raises(Accepted):
+        train_until_the_student_loads(
+            monkeypatch, recipe(tmp_path, teacher_cache=built[2], teacher_model_name_or_path=relative)
+        )
+
+
+def test_a_teacher_not_on_this_machine_is_accepted_with_a_note(tmp_path, built, monkeypatch, capsys):
+    """The cache is what lets training run without the teacher: its absence cannot be held against it."""
+    gone = str(tmp_path / "elsewhere" / "teacher")
+    with pytest.raises(Accepted):
+        train_until_the_student_loads(
+            monkeypatch, recipe(tmp_path, teacher_cache=built[2], teacher_model_name_or_path=gone)
+        )
+    assert f"the teacher could not be checked ({gone} is not a model on this machine)" in capsys.readouterr().out
+
+
+def test_a_cache_of_an_older_format_is_refused_with_how_to_rebuild_it(tmp_path, built):
+    old = tmp_path / "old_cache"
+    shutil.copytree(built[2], old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+    with pytest.raises(
+        UserError, match="written by another version of distill .format 1.*delete it and build it again"
+    ):
+        teacher_cache.TeacherCache(str(old))
+
+
+def test_the_manifest_records_the_teachers_measured_flops_per_split(built):
+    """The train split's FLOPs are those FlopCounterMode counts over the same batches (the shards'
+    fixed batches, no other forward such as the build's loss report), with its examples and seconds."""
+    _, manifest, _ = built
+    data, _ = build_datasets(
+        DataArguments(dataset=str(DATA / "corpus_train.jsonl"), max_length=32, max_train_samples=14, eval_fraction=0),
+        load_tokenizer(STUDENT),
+    )
+    teacher, collator, batch_size = load_model(TEACHER).eval(), Collator(load_tokenizer(STUDENT).pad_token_id), 3
+    expected = 0
+    for first in range(0, len(data), SHARD):
+        last = min(len(data), first + SHARD)
+        for start in range(first, last, batch_size):
+            batch = collator([data[i] for i in range(start, min(last, start + batch_size))])
+            with flop_counter() as counter:
+                teacher_cache.teacher_targets(teacher, batch, K, 2.0, 902)
+            expected += counter.get_total_flops()
+    cost = manifest["teacher_cost"]["train"]
+    assert cost["flops"] == expected > 0
+    assert cost["examples"] == len(data) == manifest["splits"]["train"]["examples"]
+    assert cost["seconds"] > 0
+    assert manifest["teacher_cost"]["eval"]["examples"] == manifest["splits"]["eval"]["examples"]
+
+
+def test_building_a_cache_does_not_import_the_train_job(tmp_path):
+    """distill.train imports distill.teacher_cache, so the cache must not need distill.train back
+    (an import cycle); checked in a fresh interpreter, on a recipe the build refuses at once."""
+    code = (
+        "import sys\n"
+        "from distill import teacher_cache\n"
+        "try:\n"
+        f"    teacher_cache.build({recipe(tmp_path, teacher_cache=None)!r})\n"
+        "except teacher_cache.UserError as err:\n"
+        "    assert 'set teacher_cache' in str(err), err\n"
+        "print('distill.train' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

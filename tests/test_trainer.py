@@ -1,17 +1,21 @@
 """Specifications of DistillTrainer on the repo's tiny teacher and student."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
-from distill import train
+from distill import cli, train
 from distill.config import DataArguments, DistillConfig
 from distill.data import Collator, build_datasets
+from distill.errors import NonFiniteError
 from distill.models import load_model
 from distill.trainer import DistillTrainer
 
-from conftest import DATA, STUDENT, TEACHER
+from conftest import DATA, ROOT, STUDENT, TEACHER, StopAt
 
 
 def config(tmp_path, **overrides):
@@ -165,3 +169,114 @@ def test_the_train_job_writes_student_checkpoint_recipe_and_metrics(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["global_step"] == metrics["global_step"] == 6
     student = load_model(str(out))  # loadable with plain transformers
     assert student.config.num_hidden_layers == load_model(STUDENT).config.num_hidden_layers
+
+
+# --- non-finite values stop the run -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nan_teacher(tmp_path_factory):
+    """The tiny teacher with a single NaN in one weight."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("nan_teacher")
+    for f in Path(TEACHER).iterdir():
+        shutil.copy(f, folder / f.name)
+    weights = load_file(folder / "model.safetensors")
+    name = next(k for k in weights if k.endswith("mlp.down_proj.weight"))
+    weights[name][0, 0] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return str(folder)
+
+
+def run_cli(capsys, *argv):
+    code = cli.main(["train", "recipes/tiny_cpu.yaml", *argv])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("evaluation", [False, True])
+def test_a_nan_teacher_stops_the_run_at_once_saying_where_and_writes_no_model(tmp_path, capsys, monkeypatch,
+                                                                              nan_teacher, evaluation):  # fmt: skip
+    """One NaN in the teacher's weights: the run stops at its first step (or at the evaluation before
+    it), names the teacher, exits non-zero, and writes no student."""
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "out"
+    no_eval = [] if evaluation else ["--eval_dataset", "null", "--eval_fraction", "0"]
+    code, err = run_cli(capsys, "--teacher_model_name_or_path", nan_teacher, "--output_dir", str(out),
+                        "--max_steps", "5", "--max_train_samples", "64", "--save_steps", "1", *no_eval)  # fmt: skip
+    where = "evaluation at step 0" if evaluation else "step 1"
+    assert code == 1, err
+    assert f"stopped: {where}: the teacher's logits are not finite" in err
+    assert "Traceback" not in err
+    assert not list(out.glob("**/*.safetensors"))  # no student, no checkpoint
+
+
+def test_a_non_finite_run_leaves_the_finished_student_in_its_folder_untouched(tmp_path, capsys, monkeypatch,
+                                                                              nan_teacher):  # fmt: skip
+    """Asked to overwrite a finished student, a run that stops on NaN never writes over it."""
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "out"
+    shutil.copytree(STUDENT, out)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    code, _ = run_cli(capsys, "--teacher_model_name_or_path", nan_teacher, "--output_dir", str(out),
+                      "--max_steps", "2", "--max_train_samples", "64", "--overwrite_output_dir", "true")  # fmt: skip
+    assert code == 1
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
+class PoisonTeacherAfter(TrainerCallback):
+    """Puts a NaN into the teacher's weights at the end of `step`, as a fault mid-run would."""
+
+    def __init__(self, trainer, step):
+        self.trainer, self.step = trainer, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                self.trainer.teacher.model.norm.weight[0] = float("nan")
+
+
+def test_checkpoints_written_before_a_non_finite_step_stay_and_are_finite(tmp_path, corpus, tokenizer):
+    args = config(tmp_path, max_steps=6, save_strategy="steps", save_steps=2, measure_cost=False)
+    trainer = make_trainer(args, corpus, tokenizer)
+    trainer.add_callback(PoisonTeacherAfter(trainer, 3))
+    with pytest.raises(NonFiniteError, match=r"^step 4: the teacher's logits are not finite"):
+        trainer.train()
+    out = Path(args.output_dir)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    saved = load_model(str(out / "checkpoint-2"))
+    assert all(torch.isfinite(p).all() for p in saved.parameters())
+
+
+def test_non_finite_gradients_stop_the_run_before_the_optimizer_step(tmp_path, corpus, tokenizer):
+    """A finite loss whose gradients are not (here: a NaN injected into one weight's gradient) stops
+    the run before the optimizer turns every weight into NaN."""
+    args = config(tmp_path, max_steps=3, measure_cost=False)
+    student = load_model(STUDENT)
+    weight = student.model.layers[0].mlp.up_proj.weight
+    weight.register_hook(lambda grad: grad * float("nan"))
+    start = weight.detach().clone()
+    trainer = make_trainer(args, corpus, tokenizer, student=student)
+    with pytest.raises(NonFiniteError, match=r"^step 1: the gradients are not finite"):
+        trainer.train()
+    assert torch.equal(weight.detach(), start)
+
+
+def test_the_first_losses_logged_after_a_resume_average_the_steps_since_the_resume(tmp_path, corpus, tokenizer):
+    """Resumed at step 4 and logged at 6, kd_loss and ce_loss are the mean of steps 5 and 6, as in the
+    run that was never stopped, not their sum divided by 6."""
+    common = dict(max_steps=6, logging_steps=2, save_strategy="steps", save_steps=4, measure_cost=False)
+    whole = make_trainer(config(tmp_path / "whole", **common), corpus, tokenizer)
+    whole.train()
+    args = config(tmp_path / "resumed", **common)
+    first = make_trainer(args, corpus, tokenizer)
+    first.add_callback(StopAt(4))
+    first.train()
+    resumed = make_trainer(args, corpus, tokenizer)
+    resumed.train(resume_from_checkpoint=str(Path(args.output_dir) / "checkpoint-4"))
+
+    def at_step_6(trainer):
+        return next(h for h in trainer.state.log_history if h.get("step") == 6 and "kd_loss" in h)
+
+    for key in ("kd_loss", "ce_loss", "loss"):
+        assert at_step_6(resumed)[key] == pytest.approx(at_step_6(whole)[key], rel=1e-4), key
