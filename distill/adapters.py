@@ -9,13 +9,15 @@ adapter_model.safetensors), which `merge` folds back into a plain transformers m
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import warnings
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.utils import ModulesToSaveWrapper
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, set_seed
 from transformers.pytorch_utils import Conv1D
 
 from distill.config import ModelArguments
@@ -38,6 +40,22 @@ def lora_config(args: ModelArguments) -> LoraConfig:
         modules_to_save=args.lora_modules_to_save,
         use_dora=args.use_dora,
     )
+
+
+@contextlib.contextmanager
+def quiet_peft_wrapping():
+    """Around PEFT's wrapping of a model (get_peft_model, PeftModel.from_pretrained). PEFT 0.21 reads
+    the model's `is_gradient_checkpointing`, which transformers 5 deprecated for
+    `is_activation_checkpointing`: a FutureWarning on every LoRA run that only PEFT can act on. This
+    one warning, from that one property, is silenced; any other still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message="`is_gradient_checkpointing` is deprecated",
+            category=FutureWarning,
+            module="transformers.modeling_utils",
+        )
+        yield
 
 
 def check(args: ModelArguments, training) -> None:
@@ -81,7 +99,8 @@ def check_targets(args: ModelArguments) -> None:
         kind = type(skeleton).__name__
         modules = dict(skeleton.named_modules())
         try:
-            wrapped = get_peft_model(skeleton, lora_config(args))
+            with quiet_peft_wrapping():
+                wrapped = get_peft_model(skeleton, lora_config(args))
         except ValueError as err:
             linear = {n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, (torch.nn.Linear, Conv1D))}
             raise UserError(
@@ -119,7 +138,11 @@ def load_student(args: ModelArguments, training):
     if args.load_in_4bit:
         # Casts the few unquantized weights (norms) to fp32 and lets gradients reach the first adapter.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training.gradient_checkpointing)
-    return get_peft_model(model, lora_config(args))
+    # The adapters' initial weights are drawn here, before the Trainer seeds the run: without a seed
+    # two runs of one recipe would start, and end, apart.
+    set_seed(training.seed)
+    with quiet_peft_wrapping():
+        return get_peft_model(model, lora_config(args))
 
 
 def trainable_parameters(model) -> str:
@@ -153,7 +176,8 @@ def merge(adapter_dir: str, output_dir: str, base: str | None = None, dtype: str
             resolve(base)
         except UserError as err:
             raise UserError(f"the base model named in adapter_config.json: {err}; pass --base PATH") from err
-    model = PeftModel.from_pretrained(load_model(base, dtype), adapter_dir).merge_and_unload()
+    with quiet_peft_wrapping():
+        model = PeftModel.from_pretrained(load_model(base, dtype), adapter_dir).merge_and_unload()
     model.save_pretrained(output_dir)
     # The run saved its tokenizer next to the adapter; an adapter from elsewhere may rely on the base's.
     if (adapter / "tokenizer_config.json").is_file():

@@ -7,17 +7,19 @@ import importlib
 import sys
 
 from distill.errors import NonFiniteError, UserError
+from distill.recipe import check_quickly
 
 
 def _recipe_job(args, rest):
     """train, finetune, generate: a recipe (+ --key value overrides) into the job module's `run`."""
-    job = importlib.import_module(f"distill.{args.module}")
     if args.help_keys:
         from distill.recipe import describe
 
-        print(describe(job.ARGUMENTS))
+        print(describe(importlib.import_module(f"distill.{args.module}").ARGUMENTS))
         return
-    job.run(args.recipe, rest)
+    # Before the job module imports torch and transformers (seconds): a bad recipe fails at once.
+    check_quickly(args.module, args.recipe, rest)
+    importlib.import_module(f"distill.{args.module}").run(args.recipe, rest)
 
 
 def _no_extra(rest):
@@ -26,9 +28,10 @@ def _no_extra(rest):
 
 
 def _cache_teacher(args, rest):
+    check_quickly("train", args.recipe, rest)  # the training recipe, checked before torch is imported
     from distill import teacher_cache
 
-    print(teacher_cache.summary(*teacher_cache.build(args.recipe, rest)))
+    print(teacher_cache.summary(*teacher_cache.build(args.recipe, rest), args.recipe, rest))
 
 
 def _merge(args, rest):

@@ -355,6 +355,31 @@ class DistillConfig(RunArguments, TrainingArguments):
         default=False,
         metadata={"help": "Kept False: distill's collator already builds exactly the columns the models take."},
     )
+    # On-policy distillation (distill.on_policy), named like TRL's GKDConfig.
+    lmbda: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction of training micro-batches whose completions the student writes itself (on-policy, "
+            "GKD's lambda): the student samples a completion for each prompt and the teacher grades every token "
+            "of it. 0 = off-policy (the data's completions), 1 = fully on-policy. Needs prompt/completion or "
+            "messages data."
+        },
+    )
+    max_new_tokens: int = field(
+        default=64, metadata={"help": "On-policy: longest completion the student samples, in tokens."}
+    )
+    generation_temperature: float = field(
+        default=1.0,
+        metadata={"help": "On-policy: temperature of the student's sampling (not the KD temperature)."},
+    )
+    top_p: float = field(default=1.0, metadata={"help": "On-policy: nucleus sampling's p, in (0, 1]; 1 = off."})
+    generation_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "On-policy: seed of which micro-batches are on-policy and of every sample, with the step and "
+            "micro-batch (so a resumed run samples what an uninterrupted one does). Unset: `seed`."
+        },
+    )
 
     def __post_init__(self):
         # Validate before TrainingArguments.__post_init__, which may already touch devices.
@@ -374,6 +399,25 @@ class DistillConfig(RunArguments, TrainingArguments):
         if not 0.0 <= self.beta <= 1.0:
             raise UserError(f"beta must be in [0, 1], got {self.beta}")
         _check_dtype("teacher_dtype", self.teacher_dtype)
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise UserError(f"lmbda must be in [0, 1] (the on-policy fraction of batches), got {self.lmbda}")
+        if self.lmbda > 0:
+            if self.teacher_cache:
+                raise UserError(
+                    "lmbda > 0 needs a teacher that grades the student's own samples, and a teacher_cache holds "
+                    "targets for the data's completions only: set teacher_model_name_or_path instead"
+                )
+            if self.alpha == 0:
+                raise UserError(
+                    "lmbda > 0 with alpha: 0 trains the student on its own samples with no teacher term; "
+                    "set alpha > 0 (on-policy distillation usually uses alpha: 1)"
+                )
+            if self.max_new_tokens < 1:
+                raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            if not self.generation_temperature > 0:
+                raise UserError(f"generation_temperature must be > 0, got {self.generation_temperature}")
+            if not 0.0 < self.top_p <= 1.0:
+                raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.bf16 and not self.use_cpu:
             check_bf16_hardware()
         super().__post_init__()

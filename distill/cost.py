@@ -356,7 +356,7 @@ class CostCallback(TrainerCallback, ExportableState):
     computed from it. A resumed run adds the time up to the checkpoint, not the lost work after it.
     """
 
-    KEYS = ("teacher_flops", "student_flops", "recomputed_flops", "tokens", "examples")
+    KEYS = ("teacher_flops", "student_flops", "generation_flops", "recomputed_flops", "tokens", "examples")
 
     def __init__(
         self, peak_tflops: float | None = None, gpu_hour_price: float | None = None, teacher_cache: dict | None = None
@@ -388,6 +388,18 @@ class CostCallback(TrainerCallback, ExportableState):
 
     def teacher_forward(self, inputs: dict):
         return self.meter.measure("teacher", inputs)
+
+    def student_generation(self, prompts: torch.Tensor, steps: int, generate) -> None:
+        """The student's sampling (on-policy): ``steps`` decoding steps from ``prompts`` (batch x
+        width). Its FLOPs depend on both, known only once it has run; the first time a pair is seen,
+        ``generate`` (the same sampling, same seed) runs again under the counter."""
+        inputs = {"prompt_ids": prompts}
+        if self.meter.knows("generation", inputs, steps):
+            with self.meter.measure("generation", inputs, steps):
+                pass
+        else:
+            with self.meter.measure("generation", inputs, steps):
+                generate()
 
     @contextmanager
     def output_layers(self, rows: int, key: tuple, teacher_flops_per_row: int = 0):
@@ -452,18 +464,18 @@ class CostCallback(TrainerCallback, ExportableState):
     @property
     def flops_done(self) -> int:
         """Model FLOPs computed by this run's devices (no cache build)."""
-        return self.totals["teacher_flops"] + self.totals["student_flops"]
+        return self.totals["teacher_flops"] + self.totals["student_flops"] + self.totals["generation_flops"]
 
     @property
     def total_flops(self) -> int:
-        return self.teacher_flops + self.totals["student_flops"]
+        return self.teacher_flops + self.totals["student_flops"] + self.totals["generation_flops"]
 
     def _sync(self, args) -> None:
         """totals = checkpointed base + this session's counts summed over processes. Every process
         calls this at the same steps (the Trainer's log/save decisions are the same everywhere)."""
         m = self.meter
-        local = [m.flops.get("teacher", 0), m.flops.get("student", 0), sum(m.recomputed.values()),
-                 m.tokens.get("student", 0), m.examples.get("student", 0)]  # fmt: skip
+        local = [m.flops.get("teacher", 0), m.flops.get("student", 0), m.flops.get("generation", 0),
+                 sum(m.recomputed.values()), m.tokens.get("student", 0), m.examples.get("student", 0)]  # fmt: skip
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             t = torch.tensor(local, dtype=torch.float64, device=args.device)
             torch.distributed.all_reduce(t)
@@ -480,6 +492,7 @@ class CostCallback(TrainerCallback, ExportableState):
         logs = {
             "flops_teacher": float(self.teacher_flops),
             "flops_student": float(self.totals["student_flops"]),
+            **({"flops_student_generation": float(g)} if (g := self.totals["generation_flops"]) else {}),
             "flops_total": float(self.total_flops),
             "pflops_days": pflops_days(self.total_flops),
             "flops_per_second": rate,
@@ -491,14 +504,17 @@ class CostCallback(TrainerCallback, ExportableState):
     def report(self, state=None) -> dict:
         t = self.totals
         teacher, student, total = self.teacher_flops, t["student_flops"], self.total_flops
+        generation = t["generation_flops"]
         done, seconds, tokens = self.flops_done, t["seconds"], t["tokens"]
         hardware = done + t["recomputed_flops"]
         device_hours = seconds * self._devices / 3600
         report = {
-            "flops": {"teacher": teacher, "student": student, "total": total},
+            # student: its training steps; student_generation: its on-policy sampling (0 off-policy)
+            "flops": {"teacher": teacher, "student": student, "student_generation": generation, "total": total},
             "pflops_days": {
                 "teacher": pflops_days(teacher),
                 "student": pflops_days(student),
+                "student_generation": pflops_days(generation),
                 "total": pflops_days(total),
             },
             "hardware_flops": {
@@ -513,6 +529,7 @@ class CostCallback(TrainerCallback, ExportableState):
             "flops_per_token": {
                 "teacher": teacher / tokens if tokens else None,
                 "student": student / tokens if tokens else None,
+                "student_generation": generation / tokens if tokens else None,
                 "total": total / tokens if tokens else None,
             },
             "wall_seconds": seconds,
@@ -548,10 +565,13 @@ class CostCallback(TrainerCallback, ExportableState):
 def render_report(r: dict) -> str:
     per_token = r["flops_per_token"]
     lines = ["", "distill: cost (measured)"]
-    for role in ("teacher", "student", "total"):
+    for role in ("teacher", "student", "student_generation", "total"):
+        if role == "student_generation" and not r["flops"].get(role):
+            continue
         ft = per_token[role]
+        name = "sampling" if role == "student_generation" else role
         lines.append(
-            f"  {role:<8} {_num(r['flops'][role]):>10} FLOPs  {r['pflops_days'][role]:.4g} PFlop/s-day"
+            f"  {name:<8} {_num(r['flops'][role]):>10} FLOPs  {r['pflops_days'][role]:.4g} PFlop/s-day"
             + (f"  {_num(ft)} FLOPs/token" if ft else "")
         )
     if r.get("teacher_cache"):

@@ -66,7 +66,10 @@ def load_eval_model(name_or_path: str, dtype: str):
     else:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(load_model(base, dtype, **placement), name_or_path).merge_and_unload()
+        from distill.adapters import quiet_peft_wrapping
+
+        with quiet_peft_wrapping():
+            model = PeftModel.from_pretrained(load_model(base, dtype, **placement), name_or_path).merge_and_unload()
     return model.eval().requires_grad_(False)
 
 

@@ -3,19 +3,25 @@
 The keys are the fields of the dataclasses a job declares (`distill.config`), filled by
 `transformers.HfArgumentParser`. An unknown key is an error, never silently ignored: a typo in
 `temprature` would otherwise train with the default.
+
+Importing torch and transformers takes seconds, so a recipe is checked twice. `check_quickly` runs
+first, without them: the file, its YAML, the overrides, unknown keys and each value's type (against
+`distill.recipe_keys`, the dataclasses' fields written down and kept equal to them by a test), and
+the ranges of distill's own knobs (`QUICK_CHECKS`). `parse` then fills the dataclasses, whose
+`__post_init__` checks everything again and more (TrainingArguments' own rules, bf16 hardware).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.metadata
 import re
 import types
 import typing
 from pathlib import Path
 
 import yaml
-from transformers import HfArgumentParser
 
 from distill.errors import UserError
 
@@ -59,19 +65,25 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> dict:
     return data
 
 
-def _union_args(hint) -> tuple:
-    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+_KINDS = {"str": str, "int": int, "float": float, "bool": bool, "None": type(None)}
 
 
-def _coerce(key: str, value, hint, default):
-    """The value a field of type ``hint`` gets from a recipe, or a UserError naming the key.
+def kinds(hint) -> str:
+    """The plain types a field's type hint admits, as ``"float|None"``: all `_coerce` needs to know
+    (lists, enums and dicts pass through as they are). What `distill.recipe_keys` stores per key."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return "|".join(name for name, kind in _KINDS.items() if kind in args)
+
+
+def _coerce(key: str, value, kinds: str, default):
+    """The value a field admitting ``kinds`` gets from a recipe, or a UserError naming the key.
 
     Numbers written as strings ("3", "0.5") become numbers, and strategy fields get their "no" when
     YAML 1.1 read `save_strategy: no` as False. A value a numeric or true/false field cannot take is
     refused here: the dataclasses do not check types, and a string learning rate would otherwise fail
     as a TypeError deep inside the Trainer, or not at all.
     """
-    args = _union_args(hint)
+    args = {_KINDS[name] for name in kinds.split("|") if name}
     if value is False and bool not in args and str in args and type(None) not in args:
         return "no"
     if str in args:
@@ -112,22 +124,36 @@ def _number(key: str, value, kind: type, default):
     return value
 
 
-def parse(data: dict, dataclass_types: tuple) -> tuple:
-    """Fill ``dataclass_types`` from a recipe dict; unknown keys and bad values raise UserError."""
-    hints, defaults = {}, {}
-    for cls in dataclass_types:
-        for f in dataclasses.fields(cls):
-            if f.init:
-                hints[f.name] = typing.get_type_hints(cls)[f.name]
-                defaults[f.name] = f.default
-    unknown = [k for k in data if k not in hints]
+def _refuse_unknown(data: dict, known) -> None:
+    unknown = [k for k in data if k not in known]
     if unknown:
         hint = "; ".join(
-            f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, hints, n=1)) else "")
+            f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, n=1)) else "")
             for k in unknown
         )
         raise UserError(f"unknown recipe key {hint}. Run the command with --help-keys to list every key.")
-    data = {k: _coerce(k, v, hints[k], defaults[k]) for k, v in data.items()}
+
+
+def fields(dataclass_types: tuple) -> dict:
+    """``{key: (kinds, default)}`` for every recipe key of ``dataclass_types``; the default only
+    where it is a number (the type error's example value)."""
+    out = {}
+    for cls in dataclass_types:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.init:
+                number = isinstance(f.default, (int, float)) and not isinstance(f.default, bool)
+                out[f.name] = (kinds(hints[f.name]), f.default if number else None)
+    return out
+
+
+def parse(data: dict, dataclass_types: tuple) -> tuple:
+    """Fill ``dataclass_types`` from a recipe dict; unknown keys and bad values raise UserError."""
+    from transformers import HfArgumentParser
+
+    known = fields(dataclass_types)
+    _refuse_unknown(data, known)
+    data = {k: _coerce(k, v, *known[k]) for k, v in data.items()}
     try:
         return HfArgumentParser(dataclass_types).parse_dict(data)
     except UserError:
@@ -135,6 +161,79 @@ def parse(data: dict, dataclass_types: tuple) -> tuple:
     except (ValueError, TypeError) as err:
         # What the dataclasses themselves refuse (TrainingArguments' own checks) is the recipe's doing.
         raise UserError(f"bad recipe value: {' '.join(str(err).split())}") from err
+
+
+# The value checks of distill's own keys, as `__post_init__` in distill.config makes them, for
+# `check_quickly`: key -> (whether a value is fine, the message otherwise). Written twice because
+# those dataclasses cannot be imported without torch; tests/test_recipe_keys.py asserts, job by job,
+# that each rule refuses what the dataclasses refuse, with the same message, and accepts what they
+# accept. Checks that depend on other keys (on-policy settings, required keys) are left to `parse`.
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUICK_CHECKS = {
+    "alpha": (lambda v: 0.0 <= v <= 1.0, "alpha must be in [0, 1] (weight of the KD term), got {}"),
+    "beta": (lambda v: 0.0 <= v <= 1.0, "beta must be in [0, 1], got {}"),
+    "temperature": (lambda v: v > 0, "temperature must be > 0, got {}"),
+    "loss_type": (
+        lambda v: v in ("forward_kl", "reverse_kl", "jsd"),
+        "unknown loss_type {!r}; choose one of forward_kl, reverse_kl, jsd",
+    ),
+    "teacher_top_k": (lambda v: v >= 1, "teacher_top_k must be >= 1, got {}"),
+    "dtype": (lambda v: v in _DTYPES, "dtype={!r} is not a dtype distill knows; use one of " + ", ".join(_DTYPES)),
+    "teacher_dtype": (
+        lambda v: v in _DTYPES,
+        "teacher_dtype={!r} is not a dtype distill knows; use one of " + ", ".join(_DTYPES),
+    ),
+    "lora_r": (lambda v: v > 0, "lora_r must be a positive integer (the adapter rank), got {}"),
+    "lora_alpha": (lambda v: v > 0, "lora_alpha must be > 0 (the scale is lora_alpha / lora_r), got {}"),
+    "lora_dropout": (lambda v: 0.0 <= v < 1.0, "lora_dropout must be in [0, 1), got {}"),
+    "eval_fraction": (lambda v: 0.0 <= v < 1.0, "eval_fraction must be in [0, 1), got {}"),
+    "max_length": (lambda v: v >= 2, "max_length must be at least 2 tokens, got {}"),
+    "peak_tflops": (lambda v: v > 0, "peak_tflops must be > 0 (TFLOP/s of one device), got {}"),
+    "gpu_hour_price": (lambda v: v >= 0, "gpu_hour_price must be >= 0 ($ per device-hour), got {}"),
+    "gradient_accumulation_steps": (
+        lambda v: v >= 1,
+        "gradient_accumulation_steps must be a whole number >= 1 (micro-batches per optimizer step), got {}",
+    ),
+}
+# `distill generate`'s own (distill.generate.GenerateConfig), where some names mean something else.
+QUICK_CHECKS_GENERATE = {
+    "temperature": QUICK_CHECKS["temperature"],
+    "dtype": QUICK_CHECKS["dtype"],
+    "max_new_tokens": (lambda v: v >= 1, "max_new_tokens must be at least 1, got {}"),
+    "batch_size": (lambda v: v >= 1, "batch_size must be at least 1, got {}"),
+    "max_prompts": (lambda v: v >= 1, "max_prompts must be at least 1, got {}"),
+    "top_p": (lambda v: 0 < v <= 1, "top_p must be in (0, 1], got {}"),
+}
+
+
+def _installed(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_quickly(job: str, recipe_path: str, overrides: list[str] | None = None) -> None:
+    """Refuse a recipe for ``job`` (a key of `distill.recipe_keys.JOBS`) that `parse` would refuse
+    for its file, YAML, overrides, keys, value types or distill's own value ranges, without
+    importing torch or transformers: a typo then costs a fraction of a second, not their import."""
+    from distill.recipe_keys import JOBS, TRANSFORMERS
+
+    keys = JOBS[job]
+    checks = QUICK_CHECKS_GENERATE if job == "generate" else QUICK_CHECKS
+    data = load_recipe(recipe_path, overrides)
+    # Another transformers may have other TrainingArguments: then a key not written down here may be
+    # one of them, and only the full parse can say.
+    if _installed("transformers") == TRANSFORMERS:
+        _refuse_unknown(data, keys)
+    for key, value in data.items():
+        if key not in keys:
+            continue
+        value = _coerce(key, value, *keys[key])
+        if key in checks and value is not None:
+            fine, problem = checks[key]
+            if not fine(value):
+                raise UserError(problem.format(value))
 
 
 def describe(dataclass_types: tuple) -> str:

@@ -536,7 +536,7 @@ def build(
     return manifest, str(path)
 
 
-def summary(manifest: dict, path: str) -> str:
+def summary(manifest: dict, path: str, recipe: str | None = None, overrides: list[str] = ()) -> str:
     report, identity = manifest["report"], manifest["identity"]
     lines = ["", f"distill: teacher cache at {path}"]
     lines.append(
@@ -554,5 +554,23 @@ def summary(manifest: dict, path: str) -> str:
         f"KD {report['kd_topk']:.4f} vs {report['kd_full']:.4f} ({report['kd_rel_error']:.2%}), "
         f"total {report['loss_topk']:.4f} vs {report['loss_full']:.4f} ({report['loss_rel_error']:.2%})"
     )
-    lines.append(f"  train on it with: distill train RECIPE.yaml --teacher_cache {path}")
+    lines.append(f"  train on it with: {train_command(identity['k'], path, recipe, overrides)}")
     return "\n".join(lines)
+
+
+def train_command(k: int, path: str, recipe: str | None = None, overrides: list[str] = ()) -> str:
+    """The `distill train` that reads this cache: the cache's recipe and overrides again, which the
+    cache was built to match (k, temperature, data), and another output_dir when the recipe's already
+    holds a finished run (which `distill train` would refuse to overwrite)."""
+    import shlex
+
+    from distill.config import _finished_run
+    from distill.recipe import load_recipe
+
+    if recipe is None:
+        return f"distill train RECIPE.yaml --teacher_cache {path} --teacher_top_k {k}"
+    args = [recipe, *overrides]
+    output_dir = load_recipe(recipe, list(overrides)).get("output_dir")
+    if output_dir and _finished_run(Path(output_dir)):
+        args += ["--output_dir", f"{str(output_dir).rstrip('/')}_cached"]
+    return "distill train " + " ".join(shlex.quote(str(a)) for a in args)

@@ -26,6 +26,7 @@ from distill.models import (
     resolve,
     vocab_sizes_fit,
 )
+from distill.on_policy import prompts_of
 from distill.recipe import load_recipe, parse
 from distill.teacher_cache import TargetsCollator, TeacherCache, run_identity
 from distill.trainer import DistillTrainer
@@ -106,6 +107,8 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         train_data, eval_data = build_datasets(data_args, tokenizer, seed=config.seed)
     if cache is not None:
         cache.check(run_identity(config, data_args, tokenizer, train_data, eval_data))
+    if config.lmbda > 0:
+        prompts_of(Collator(tokenizer.pad_token_id)([train_data[0]]))  # on-policy needs prompts: not text data
 
     student = adapters.load_student(model_args, config)  # with LoRA adapters when use_peft is set
     if config.process_index == 0:
@@ -154,8 +157,138 @@ def train_and_save(trainer, recipe: dict, resume: str | None, summarize) -> dict
     metrics = {"train": train_metrics, "eval_before": before, "eval": after, "global_step": trainer.state.global_step}
     if trainer.is_world_process_zero():
         save_run_files(config.output_dir, recipe, metrics)
+        write_model_card(trainer, recipe, metrics, config.output_dir)
         print(summarize(trainer, metrics, config.output_dir))
     return metrics
+
+
+def _on_hub(name: str | None) -> bool:
+    """Whether ``name`` reads as a hub id rather than a path here (as Trainer.create_model_card
+    decides for base_model): a hub's metadata may only name what the hub has."""
+    return bool(name) and not os.path.exists(name) and not name.startswith((".", "/", "~"))
+
+
+def _named(name: str) -> str:
+    return f"[{name}](https://huggingface.co/{name})" if _on_hub(name) else f"`{name}`"
+
+
+def _card_metrics(metrics: dict) -> list[tuple[str, object, object]]:
+    """(name, before, after) of the held-out numbers, without the timings."""
+    timings = ("runtime", "samples_per_second", "steps_per_second", "epoch")
+    return [
+        (key.removeprefix("eval_"), metrics["eval_before"].get(key.replace("eval_", "eval_before_", 1)), value)
+        for key, value in metrics["eval"].items()
+        if not key.endswith(timings)
+    ]
+
+
+def write_model_card(trainer, recipe: dict, metrics: dict, output_dir: str) -> None:
+    """``README.md``, the model card a hub shows for the folder, written the way
+    `Trainer.create_model_card` and PEFT write theirs: YAML front matter (library_name, base_model,
+    tags, datasets where they are hub names), then what the run was: teacher, student, data, the
+    held-out numbers before and after, the measured bill (cost_report.json) and the recipe."""
+    import peft
+    import torch
+    import transformers
+    from huggingface_hub import ModelCard, ModelCardData
+
+    import distill
+
+    config, out = trainer.args, Path(output_dir)
+    adapter = isinstance(trainer.model, peft.PeftModel)
+    distilling = isinstance(trainer, DistillTrainer)
+    student = recipe["model_name_or_path"]
+    teacher = getattr(config, "teacher_model_name_or_path", None)
+    if distilling and config.teacher_cache:
+        teacher = TeacherCache(config.teacher_cache).manifest["teacher"]
+    data = [d for d in (recipe.get("dataset"), recipe.get("eval_dataset")) if d]
+    tags = ["distill", "knowledge-distillation" if distilling else "fine-tuned", "generated_from_trainer"]
+    if adapter:
+        tags += ["lora", "transformers"] + ([f"base_model:adapter:{student}"] if _on_hub(student) else [])
+    front = ModelCardData(
+        library_name="peft" if adapter else "transformers",
+        base_model=student if _on_hub(student) else None,
+        tags=tags,
+        datasets=[d for d in data if _on_hub(d)] or None,
+        pipeline_tag="text-generation",
+    )
+
+    lines = [f"# {out.resolve().name}", ""]
+    if distilling:
+        lines.append(
+            f"{'A LoRA adapter for' if adapter else 'A student model initialised from'} {_named(student)}, "
+            f"distilled from the teacher {_named(teacher)} with `distill train`: loss = {config.alpha} x "
+            f"T^2 x {config.loss_type}(teacher, student) + {1 - config.alpha:g} x cross-entropy, "
+            f"T = {config.temperature}."
+        )
+    else:
+        lines.append(
+            f"{'A LoRA adapter for' if adapter else 'A fine-tuned version of'} {_named(student)}, trained with "
+            "`distill finetune` (supervised: cross-entropy on the target tokens)."
+        )
+    lines += ["", "## Training", "", "| | |", "|---|---|", f"| student | {_named(student)} |"]
+    if distilling:
+        source = f" (its top-k targets, cached in `{config.teacher_cache}`)" if config.teacher_cache else ""
+        lines.append(f"| teacher | {_named(teacher)}{source} |")
+    lines.append(f"| training data | {_named(recipe['dataset'])} |")
+    if recipe.get("eval_dataset"):
+        lines.append(f"| held-out data | {_named(recipe['eval_dataset'])} |")
+    lines += [f"| optimizer steps | {metrics['global_step']} |", ""]
+
+    if metrics["eval"]:
+        lines += ["## Held-out results", "", "| metric | before training | after training |", "|---|---:|---:|"]
+        for name, before, after in _card_metrics(metrics):
+            lines.append(f"| {name} | {'n/a' if before is None else f'{before:.4f}'} | {after:.4f} |")
+        lines.append("")
+
+    report = out / "cost_report.json"
+    if report.is_file():
+        bill = json.loads(report.read_text(encoding="utf-8"))
+        lines += ["## What it cost (measured)", "", "| | FLOPs | PFlop/s-days |", "|---|---:|---:|"]
+        # The teacher's row says 0 for a distillation at alpha 0; fine-tuning has no teacher.
+        roles = [r for r, flops in bill["flops"].items() if flops or r == "total" or (r == "teacher" and distilling)]
+        for role in roles:
+            lines.append(f"| {role} | {bill['flops'][role]:,} | {bill['pflops_days'][role]:.4g} |")
+        lines += [
+            "",
+            f"{bill['tokens']:,} tokens in {bill['wall_seconds']:.1f} s on {bill['devices']} device(s)"
+            + (f", ${bill['cost_usd']:.2f}" if bill.get("cost_usd") is not None else "")
+            + " (the figures of `cost_report.json`).",
+            "",
+        ]
+
+    load = (
+        f'PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{student}"), "{output_dir}")'
+        if adapter
+        else f'AutoModelForCausalLM.from_pretrained("{output_dir}")'
+    )
+    lines += [
+        "## Use it",
+        "",
+        "```python",
+        *(["from peft import PeftModel"] if adapter else []),
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f"model = {load}",
+        f'tokenizer = AutoTokenizer.from_pretrained("{output_dir}")',
+        "```",
+        "",
+        "## Recipe",
+        "",
+        "As resolved, overrides included (`recipe.yaml`):",
+        "",
+        "```yaml",
+        yaml.safe_dump(recipe, sort_keys=False).rstrip(),
+        "```",
+        "",
+        "### Framework versions",
+        "",
+        f"- distill {distill.__version__}",
+        f"- Transformers {transformers.__version__}",
+        f"- PyTorch {torch.__version__}",
+        *([f"- PEFT {peft.__version__}"] if adapter else []),
+    ]
+    ModelCard(f"---\n{front.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n").save(out / "README.md")
 
 
 def evaluation_at_start(history: list[dict]) -> dict:
@@ -177,7 +310,8 @@ def summary(trainer, metrics: dict, output_dir: str) -> str:
         "",
         "distill: done",
         f"  steps            {metrics['global_step']}",
-        f"  final kd_loss    {fmt(_last(history, 'kd_loss'))}",
+        f"  final kd_loss    {fmt(_last(history, 'kd_loss'))}"
+        + (" (alpha 0: the teacher does not run in training)" if trainer.args.alpha == 0 else ""),
         f"  final ce_loss    {fmt(_last(history, 'ce_loss'))}",
     ]
     if metrics["eval"]:

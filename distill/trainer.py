@@ -35,6 +35,7 @@ from distill.losses import (
     top1_agreement,
     topk_distillation_loss,
 )
+from distill.on_policy import is_on_policy, on_policy_batch, prompts_of, sample, step_seed
 from distill.placement import describe, parameter_bytes, place_teacher, sharding
 
 
@@ -123,6 +124,9 @@ class DistillTrainer(MeteredTrainer):
         self._train_sums = torch.zeros(2)  # kd, ce since the last log, each already a step mean
         self._eval_sums = torch.zeros(4)  # kd*tokens, ce*tokens, agreeing tokens, tokens
         self._last_logged_step = None  # the global step before the first micro-batch since the last log
+        # on-policy micro-batches, micro-batches, sampled sequences, sampled tokens, teacher-scored reverse
+        # KL summed over the sampled tokens; since the last log
+        self._policy_sums = torch.zeros(5)
         self._eval_prefix = "eval"
 
     def _prepare_teacher(self, teacher: torch.nn.Module) -> torch.nn.Module:
@@ -151,12 +155,52 @@ class DistillTrainer(MeteredTrainer):
             self.teacher(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), logits_to_keep=1)
         return captured["hidden"]
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The step's micro-batches, a fraction ``lmbda`` of them with completions the student samples
+        (distill.on_policy). The Trainer counts the step's target tokens here, for the loss's
+        denominator: the count is taken again over the sampled completions."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.args.lmbda == 0:
+            return batches, num_items
+        seed = self.args.seed if self.args.generation_seed is None else self.args.generation_seed
+        step = self.state.global_step
+        for i, batch in enumerate(batches):
+            self._policy_sums[1] += 1
+            if is_on_policy(self.args.lmbda, seed, step, i):
+                self._policy_sums[0] += 1
+                batches[i] = {**self._sample(batch, step_seed(seed, step, i, 1)), "on_policy": torch.tensor(True)}
+        return batches, self._get_num_items_in_batch(batches, device)
+
+    def _sample(self, batch: dict, seed: int) -> dict:
+        """``batch`` with its completions replaced by the student's samples (no gradient)."""
+        prompts = prompts_of(batch)
+        tokenizer = self.processing_class
+        student = self.accelerator.unwrap_model(self.model)
+        kw = {
+            "pad_id": tokenizer.pad_token_id, "eos_id": tokenizer.eos_token_id, "seed": seed,
+            "max_new_tokens": self.args.max_new_tokens, "temperature": self.args.generation_temperature,
+            "top_p": self.args.top_p,
+            # Under FSDP2 / ZeRO-3 every process must run as many forwards as the longest sampler.
+            "synced_gpus": sharding(self.accelerator) is not None and self.accelerator.num_processes > 1,
+        }  # fmt: skip
+        completions, steps = sample(student, prompts, **kw)
+        if self.cost:
+            width = torch.empty(len(prompts), max(map(len, prompts)))
+            self.cost.student_generation(width, steps, lambda: sample(student, prompts, **kw))
+        return on_policy_batch(prompts, completions, tokenizer.pad_token_id)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training and self.accelerator.num_processes > 1:
             inputs = {**inputs, "labels": self._without_padded_rows(inputs["labels"])}
         out, outputs, agreement, sides = self._distill(model, inputs, num_items_in_batch)
         if not bool(torch.isfinite(out.loss)):
             raise self._non_finite(out.loss, sides, model.training)
+        if "on_policy" in inputs:
+            denom = num_items_in_batch if num_items_in_batch is not None else out.num_tokens
+            reverse_kl = self._sampled_reverse_kl(model, inputs, out, sides, denom)
+            self._policy_sums[2:] += torch.stack(
+                [torch.tensor(float(len(inputs["labels"]))), out.num_tokens.float().cpu(), reverse_kl.float().cpu()]
+            )
         loss = out.loss
         if model.training:
             if self._last_logged_step is None:
@@ -170,6 +214,34 @@ class DistillTrainer(MeteredTrainer):
             # processes, so undo that average to get the global token mean.
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _sampled_reverse_kl(self, model, inputs, out, sides, denom) -> torch.Tensor:
+        """Sum over an on-policy batch's sampled tokens of KL(p_S || p_T) at T = 1: how far the student's
+        own samples are from what the teacher would write. The loss's KD term when it is exactly that;
+        else computed again from what the loss used, without gradient (and billed)."""
+        if self.args.loss_type == "reverse_kl" and self.args.temperature == 1.0:
+            return out.kd * denom
+        labels = inputs["labels"]
+        kw = {"alpha": 1.0, "temperature": 1.0, "loss_type": "reverse_kl", "num_items_in_batch": 1}
+        if not self._chunked:
+            (logits,), (teacher_logits,) = sides["student"], sides["teacher"]
+            return distillation_loss(logits, teacher_logits, labels, **kw).kd
+        (hidden,), (teacher_hidden, teacher_weight) = sides["student"], sides["teacher"]
+        weight = output_weight(self.accelerator.unwrap_model(model))
+        vocab = min(weight.shape[0], teacher_weight.shape[0])
+        key, teacher_per_row = (
+            ("reverse kl", hidden.shape[-1], teacher_weight.shape[1], vocab),
+            2 * teacher_weight.shape[1] * vocab,
+        )
+        with (
+            self.cost.output_layers(int(out.num_tokens), key, teacher_per_row)
+            if self.cost
+            else contextlib.nullcontext()
+        ):
+            return chunked_distillation_loss(
+                hidden, weight, teacher_hidden, teacher_weight, labels, compute_dtype=self._compute_dtype, **kw
+            ).kd
 
     def _without_padded_rows(self, labels: torch.Tensor) -> torch.Tensor:
         """``labels`` with -100 on the rows accelerate added to even out the last evaluation batches.
@@ -221,8 +293,15 @@ class DistillTrainer(MeteredTrainer):
         # Without labels the model computes no loss of its own: we would throw it away.
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
         evaluating = not model.training
+        # alpha 0 is plain supervised training: the teacher neither runs nor is billed in training, and
+        # a stand-in makes the KD term exactly 0 (not logged): the student's own distribution, or in
+        # the chunked loss top-k targets with k = 0 (the whole vocabulary one bucket, on which no two
+        # distributions differ). Evaluation still runs the teacher, for agreement and the held-out KL.
+        supervised = not evaluating and self.args.alpha == 0.0
         targets = None
-        if self.teacher is None:
+        if supervised:
+            teacher_side = []
+        elif self.teacher is None:
             targets = TopKTargets(inputs["teacher_logprobs"], inputs["teacher_ids"], inputs["teacher_tail"])
             # Positions without a target hold zeros; a tail may be -inf (k = vocabulary), never NaN.
             teacher_side = [targets.logprobs, targets.tail.nan_to_num(neginf=0.0)]
@@ -232,6 +311,9 @@ class DistillTrainer(MeteredTrainer):
                 outputs = model(**model_inputs, logits_to_keep=1)
             hidden, weight = student["hidden"], output_weight(unwrapped)
             rows = int(labels[:, 1:].ne(IGNORE_INDEX).sum())
+            if supervised:
+                none = labels.new_zeros(*labels.shape, 0)
+                targets = TopKTargets(none.float(), none, torch.zeros(labels.shape, device=labels.device))
             if targets is None:
                 teacher = (self.teacher_hidden(inputs), output_weight(self.teacher))
                 teacher_side = list(teacher)
@@ -242,7 +324,7 @@ class DistillTrainer(MeteredTrainer):
                     2 * teacher[1].shape[1] * vocab,
                 )
             else:
-                vocab = self._targets_vocab
+                vocab = weight.shape[0] if supervised else self._targets_vocab
                 key, teacher_per_row = ("top-k", hidden.shape[-1], vocab, targets.ids.shape[-1]), 0
             with (
                 self.cost.output_layers(rows, key, teacher_per_row)
@@ -264,7 +346,9 @@ class DistillTrainer(MeteredTrainer):
                 agreement = top1_agreement(top1_rows(hidden, weight, vocab), teacher_top1, labels)
             return out, outputs, agreement, sides
         outputs = model(**model_inputs)
-        if targets is not None:
+        if supervised:
+            out, top1 = distillation_loss(outputs.logits, outputs.logits.detach(), labels, **kw), None
+        elif targets is not None:
             out = topk_distillation_loss(outputs.logits, targets, labels, vocab_size=self._targets_vocab, **kw)
             top1 = (outputs.logits[..., : self._targets_vocab].argmax(-1), targets.ids[..., 0]) if evaluating else None
         else:
@@ -290,6 +374,13 @@ class DistillTrainer(MeteredTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Called on every process, so the cross-process reductions below line up.
+        if "loss" in logs and self.args.lmbda > 0:
+            on, total, sequences, tokens, reverse_kl = self._reduce(self._policy_sums).tolist()
+            self._policy_sums.zero_()
+            logs["on_policy_share"] = on / max(total, 1)
+            if sequences:
+                logs["sampled_length"] = tokens / sequences
+                logs["sampled_reverse_kl"] = reverse_kl / max(tokens, 1)
         prefix = self._eval_prefix
         if f"{prefix}_runtime" in logs:
             # Every process reduces, also one whose rows were all padding copies (it holds zeros).
@@ -309,7 +400,8 @@ class DistillTrainer(MeteredTrainer):
             per = (self.state.global_step - self._last_logged_step) * (
                 1 if self.args.average_tokens_across_devices else self.accelerator.num_processes
             )
-            logs["kd_loss"] = kd / per
+            if self.args.alpha > 0:  # at alpha 0 no teacher ran in training: there is no kd_loss
+                logs["kd_loss"] = kd / per
             logs["ce_loss"] = ce / per
             self._train_sums.zero_()
             self._last_logged_step = None
