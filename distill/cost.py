@@ -523,7 +523,8 @@ class CostCallback(TrainerCallback, ExportableState):
                 "note": "FLOPs this run's devices executed: model FLOPs plus activation checkpointing's recomputed "
                 "forwards; HFU is computed on them, MFU on model FLOPs",
             },
-            "teacher_source": "model" if self.teacher_cache is None else "cache",
+            # none: no teacher forward ran in training (alpha 0)
+            "teacher_source": "cache" if self.teacher_cache is not None else "model" if teacher else "none",
             "tokens": tokens,
             "examples": t["examples"],
             "flops_per_token": {

@@ -108,7 +108,8 @@ class DistillTrainer(MeteredTrainer):
 
             cache = TeacherCache(self.args.teacher_cache)
             self._targets_vocab = cache.vocab_size
-            if self.cost:
+            # At alpha 0 training reads no targets (only evaluation does): the build is not this run's bill.
+            if self.cost and self.args.alpha > 0:
                 self.cost.teacher_cache = cache.manifest["teacher_cost"]["train"]
         # The chunked loss reads the output layers' weights whole, outside their forward; the
         # sharding engines only gather them inside it.

@@ -209,6 +209,18 @@ def test_training_from_the_cache_bills_the_teacher_its_share_of_the_cache_build(
     assert done_here == pytest.approx(report["flops"]["student"])
 
 
+def test_training_from_the_cache_at_alpha_0_bills_no_teacher(tmp_path, built):
+    """alpha 0 is supervised training: the cached targets are read only at evaluation, so the run is
+    billed no share of the cache build."""
+    path = recipe(tmp_path, teacher_cache=built[2], teacher_model_name_or_path=None, max_steps=2, alpha=0.0,
+                  per_device_train_batch_size=4, save_strategy="no", disable_tqdm=True)  # fmt: skip
+    train.run(path)
+    report = json.loads((tmp_path / "out" / "cost_report.json").read_text())
+    assert report["teacher_source"] == "none" and "teacher_cache" not in report
+    assert report["flops"]["teacher"] == 0
+    assert report["flops"]["total"] == report["flops"]["student"] > 0
+
+
 @pytest.mark.parametrize("chunked", [True, False])
 def test_training_on_full_vocabulary_targets_equals_training_with_the_teacher(tmp_path, chunked):
     """With k = the shared vocabulary the cache *is* the teacher: same loss and student gradients
