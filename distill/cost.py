@@ -394,11 +394,9 @@ class CostCallback(TrainerCallback, ExportableState):
         width). Its FLOPs depend on both, known only once it has run; the first time a pair is seen,
         ``generate`` (the same sampling, same seed) runs again under the counter."""
         inputs = {"prompt_ids": prompts}
-        if self.meter.knows("generation", inputs, steps):
-            with self.meter.measure("generation", inputs, steps):
-                pass
-        else:
-            with self.meter.measure("generation", inputs, steps):
+        known = self.meter.knows("generation", inputs, steps)
+        with self.meter.measure("generation", inputs, steps):
+            if not known:
                 generate()
 
     @contextmanager

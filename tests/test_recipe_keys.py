@@ -95,6 +95,19 @@ def test_every_loss_type_and_dtype_distill_knows_passes_the_quick_check(tmp_path
     quick(tmp_path, "train", {key: value})
 
 
+def cli_in_a_fresh_interpreter(argv: list[str]) -> tuple[dict, str]:
+    """({"code": the CLI's exit code, "heavy": which of torch and transformers were imported when it
+    returned}, its stderr), from `distill.cli.main(argv)` in a new Python process."""
+    script = (
+        "import json, sys\n"
+        "from distill.cli import main\n"
+        f"code = main({argv!r})\n"
+        "print(json.dumps({'code': code, 'heavy': [m for m in ('torch', 'transformers') if m in sys.modules]}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
 @pytest.mark.parametrize(
     "override,message",
     [
@@ -108,27 +121,14 @@ def test_a_bad_recipe_is_refused_before_torch_and_transformers_are_imported(tmp_
     """The CLI in a fresh interpreter: the error, and what had been imported when it came."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({**VALID["train"], "output_dir": str(tmp_path / "out")}))
-    script = (
-        "import json, sys\n"
-        "from distill.cli import main\n"
-        f"code = main(['train', {str(recipe)!r}, *{override!r}])\n"
-        "print(json.dumps({'code': code, 'heavy': [m for m in ('torch', 'transformers') if m in sys.modules]}))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result == {"code": 2, "heavy": []}, proc.stderr
-    assert message in proc.stderr
+    result, stderr = cli_in_a_fresh_interpreter(["train", str(recipe), *override])
+    assert result == {"code": 2, "heavy": []}, stderr
+    assert message in stderr
 
 
 def test_cache_teacher_checks_its_recipe_before_torch_too(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({**VALID["train"], "dataset": str(DATA / "corpus_train.jsonl"), "alpha": 2}))
-    script = (
-        "import sys\n"
-        "from distill.cli import main\n"
-        f"code = main(['cache-teacher', {str(recipe)!r}])\n"
-        "print(code, 'torch' in sys.modules)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert proc.stdout.split() == ["2", "False"], proc.stderr
-    assert "alpha must be in [0, 1]" in proc.stderr
+    result, stderr = cli_in_a_fresh_interpreter(["cache-teacher", str(recipe)])
+    assert result == {"code": 2, "heavy": []}, stderr
+    assert "alpha must be in [0, 1]" in stderr
