@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from distill.errors import NonFiniteError, UserError
+from distill.errors import NonFiniteError, ServerError, UserError
 from distill.recipe import check_quickly
 
 
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         # is a bug in distill and keeps its traceback, so that it is never shown as the user's mistake.
         print(f"distill {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except NonFiniteError as err:
+    except (NonFiniteError, ServerError) as err:
         print(f"distill {args.command}: stopped: {err}", file=sys.stderr)
         return 1
     return 0

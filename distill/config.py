@@ -347,8 +347,32 @@ class DistillConfig(RunArguments, TrainingArguments):
     teacher_top_k: int = field(
         default=64,
         metadata={
-            "help": "How many of the teacher's most likely token ids the cache keeps per position (the rest "
-            "of its probability mass is kept as one number). Larger k: closer to the full loss, more disk."
+            "help": "How many of the teacher's most likely token ids a cache or a server gives per position (the "
+            "rest of its probability mass is kept as one number). Larger k: closer to the full loss, more disk "
+            "or network."
+        },
+    )
+    teacher_server: str | None = field(
+        default=None,
+        metadata={
+            "help": "URL of a vLLM server running the teacher (`vllm serve TEACHER --max-logprobs K`, e.g. "
+            "http://127.0.0.1:8000): training loads no teacher and asks the server for each batch's top-k "
+            "targets, one batch ahead; `distill cache-teacher` fills a cache from it. teacher_model_name_or_path "
+            "names the model it must serve. Needs temperature: 1 (vLLM's log-probabilities are at T = 1)."
+        },
+    )
+    teacher_server_timeout: float = field(
+        default=60.0,
+        metadata={"help": "Seconds one request to teacher_server may take before it counts as failed and is retried."},
+    )
+    teacher_server_batch_size: int = field(
+        default=8, metadata={"help": "Sequences per request to teacher_server (up to four requests run at once)."}
+    )
+    teacher_server_retries: int = field(
+        default=5,
+        metadata={
+            "help": "Retries of a failed request to teacher_server, 1, 2, 4, ... seconds apart, before the run "
+            "stops (resumable from its last checkpoint)."
         },
     )
     remove_unused_columns: bool = field(
@@ -381,12 +405,61 @@ class DistillConfig(RunArguments, TrainingArguments):
         },
     )
 
+    use_vllm: bool = field(
+        default=False,
+        metadata={
+            "help": "On-policy: sample the student's completions on a vLLM server serving the student (vllm_server) "
+            "instead of with transformers' generate. The student's weights are pushed to it every vllm_sync_steps "
+            "optimizer steps. Not with use_peft, FSDP or ZeRO-3."
+        },
+    )
+    vllm_server: str | None = field(
+        default=None,
+        metadata={
+            "help": "use_vllm: URL of the vLLM server serving the student, started with VLLM_SERVER_DEV_MODE=1 (its "
+            "/collective_rpc reloads the pushed weights; README, On-policy distillation)."
+        },
+    )
+    vllm_sync_steps: int = field(
+        default=1,
+        metadata={
+            "help": "use_vllm: push the student's weights to the server every this many optimizer steps (1: the "
+            "samples always come from the current student; a resumed run samples what an uninterrupted one does "
+            "only at 1)."
+        },
+    )
+    vllm_weights_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "use_vllm: folder the pushed weights are written to; the server must read it (this machine, or "
+            "a shared file system). Unset: OUTPUT_DIR/vllm_weights, deleted at the end of training."
+        },
+    )
+
     def __post_init__(self):
         # Validate before TrainingArguments.__post_init__, which may already touch devices.
         if not self.teacher_model_name_or_path and not self.teacher_cache:
             raise UserError(
                 "teacher_model_name_or_path is required (the hub id or local path of the teacher), "
                 "or teacher_cache: a directory written by `distill cache-teacher`"
+            )
+        if self.teacher_server_timeout <= 0:
+            raise UserError(f"teacher_server_timeout must be > 0 seconds, got {self.teacher_server_timeout}")
+        if self.teacher_server_batch_size < 1:
+            raise UserError(f"teacher_server_batch_size must be >= 1, got {self.teacher_server_batch_size}")
+        if self.teacher_server_retries < 0:
+            raise UserError(f"teacher_server_retries must be >= 0, got {self.teacher_server_retries}")
+        if self.teacher_server and not self.teacher_model_name_or_path:
+            raise UserError(
+                "teacher_server needs teacher_model_name_or_path: the model the server must be serving (its "
+                "config gives the vocabulary and the FLOPs of the positions it scores)"
+            )
+        if self.teacher_server and self.temperature != 1.0:
+            raise UserError(
+                f"teacher_server gives log-probabilities at temperature 1 only (vLLM's prompt log-probabilities are "
+                f"the raw log-softmax, and top-k targets cannot be re-tempered), and this recipe has temperature: "
+                f"{self.temperature}. Set temperature: 1.0, or cache the targets from a local teacher with "
+                "`distill cache-teacher` (teacher_cache), which keeps them at any temperature"
             )
         if self.teacher_top_k < 1:
             raise UserError(f"teacher_top_k must be >= 1, got {self.teacher_top_k}")
@@ -418,6 +491,15 @@ class DistillConfig(RunArguments, TrainingArguments):
                 raise UserError(f"generation_temperature must be > 0, got {self.generation_temperature}")
             if not 0.0 < self.top_p <= 1.0:
                 raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.vllm_sync_steps < 1:
+            raise UserError(f"vllm_sync_steps must be >= 1, got {self.vllm_sync_steps}")
+        if self.use_vllm and self.lmbda == 0:
+            raise UserError("use_vllm samples the student's on-policy completions, and lmbda is 0: set lmbda > 0")
+        if self.use_vllm and not self.vllm_server:
+            raise UserError(
+                "use_vllm needs vllm_server: the URL of a vLLM server serving the student (README, On-policy "
+                "distillation)"
+            )
         if self.bf16 and not self.use_cpu:
             check_bf16_hardware()
         super().__post_init__()

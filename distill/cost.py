@@ -350,21 +350,34 @@ class CostCallback(TrainerCallback, ExportableState):
     (``hardware_flops``, HFU) include it (PaLM, app. B). A teacher served from a cache
     (``teacher_cache``: the build's measured FLOPs, from its manifest) is billed its share of the
     build, the part of the cached examples this run read; that work was done before the run, so it
-    is in the bill but not in the run's FLOP/s, MFU or HFU.
+    is in the bill but not in the run's FLOP/s, MFU or HFU. A teacher on a server (``teacher_server``)
+    is billed the positions it scored for training, at FLOPs computed from its config (the server's
+    kernels cannot be counted from here), with the requests' wall time; its devices are not this
+    run's, so that too stays out of FLOP/s, MFU and HFU.
 
     Wall time runs from ``on_train_begin`` and includes evaluation and checkpointing; so does the MFU
     computed from it. A resumed run adds the time up to the checkpoint, not the lost work after it.
     """
 
-    KEYS = ("teacher_flops", "student_flops", "generation_flops", "recomputed_flops", "tokens", "examples")
+    KEYS = ("teacher_flops", "student_flops", "generation_flops", "recomputed_flops", "tokens", "examples",
+            "served_flops", "served_positions", "served_ms", "waited_ms", "served_generation_flops")  # fmt: skip
 
     def __init__(
-        self, peak_tflops: float | None = None, gpu_hour_price: float | None = None, teacher_cache: dict | None = None
+        self,
+        peak_tflops: float | None = None,
+        gpu_hour_price: float | None = None,
+        teacher_cache: dict | None = None,
+        teacher_server: str | None = None,
+        generation_server: str | None = None,
     ):
         self.meter = FlopMeter()
         self.peak_tflops = peak_tflops  # as given; None: detected at train begin, again after a resume
         self.gpu_hour_price = gpu_hour_price
         self.teacher_cache = teacher_cache  # {"flops", "examples", "seconds"} of the cache's train split
+        self.teacher_server = teacher_server  # the URL, when the teacher is served
+        self.generation_server = generation_server  # the URL, when the student samples on vLLM (use_vllm)
+        # this session's served teacher FLOPs, positions, request and waiting ms; served sampling FLOPs
+        self._served = [0, 0, 0, 0, 0]
         self.accelerator: str | None = None
         self.peak: float | None = peak_tflops  # in use
         # All processes, as of the last sync; what checkpoints hold.
@@ -376,7 +389,15 @@ class CostCallback(TrainerCallback, ExportableState):
 
     def state(self) -> dict:
         return {
-            "args": {"peak_tflops": self.peak_tflops, "gpu_hour_price": self.gpu_hour_price},
+            # A resume builds the callback again from these (Trainer._load_callback_state): the teacher's
+            # source is part of them, or a resumed run would bill its teacher as if none had run.
+            "args": {
+                "peak_tflops": self.peak_tflops,
+                "gpu_hour_price": self.gpu_hour_price,
+                "teacher_cache": self.teacher_cache,
+                "teacher_server": self.teacher_server,
+                "generation_server": self.generation_server,
+            },
             "attributes": {"totals": dict(self.totals)},
         }
 
@@ -399,6 +420,17 @@ class CostCallback(TrainerCallback, ExportableState):
             if not known:
                 generate()
 
+    def teacher_served(self, flops: int, positions: int, seconds: float, waited: float) -> None:
+        """A server scored ``positions`` for a training batch: ``flops`` computed from the teacher's
+        config, ``seconds`` of requests, of which the trainer ``waited`` (the rest overlapped its work)."""
+        for i, value in enumerate((flops, positions, round(seconds * 1000), round(waited * 1000))):
+            self._served[i] += value
+
+    def student_generation_served(self, flops: int, url: str) -> None:
+        """The student's samples, made on a vLLM server (use_vllm): ``flops`` computed from its size."""
+        self.generation_server = url
+        self._served[4] += flops
+
     @contextmanager
     def output_layers(self, rows: int, key: tuple, teacher_flops_per_row: int = 0):
         """The chunked loss: both output layers on ``rows`` target positions, and the student's
@@ -420,6 +452,7 @@ class CostCallback(TrainerCallback, ExportableState):
             self._base.update(saved["attributes"]["totals"])
         self.totals = dict(self._base)
         self.meter.reset()
+        self._served = [0, 0, 0, 0, 0]
         if model is not None:  # the Trainer has turned activation checkpointing on by now
             mark_recomputation(model, self.meter)
         self._devices = max(args.world_size, 1)
@@ -449,7 +482,10 @@ class CostCallback(TrainerCallback, ExportableState):
 
     @property
     def teacher_flops(self) -> int:
-        """The teacher's bill: its forwards in this run, or its share of the cache build."""
+        """The teacher's bill: its forwards in this run, its share of the cache build, or the positions
+        a server scored (computed)."""
+        if self.teacher_server is not None:
+            return self.totals["served_flops"]
         if self.teacher_cache is None:
             return self.totals["teacher_flops"]
         return round(self.teacher_cache["flops"] * self.cache_share)
@@ -461,19 +497,25 @@ class CostCallback(TrainerCallback, ExportableState):
 
     @property
     def flops_done(self) -> int:
-        """Model FLOPs computed by this run's devices (no cache build)."""
+        """Model FLOPs computed by this run's devices (no cache build, no server)."""
         return self.totals["teacher_flops"] + self.totals["student_flops"] + self.totals["generation_flops"]
 
     @property
+    def generation_flops(self) -> int:
+        """The student's on-policy sampling: measured here, or computed for a vLLM server's."""
+        return self.totals["generation_flops"] + self.totals["served_generation_flops"]
+
+    @property
     def total_flops(self) -> int:
-        return self.teacher_flops + self.totals["student_flops"] + self.totals["generation_flops"]
+        return self.teacher_flops + self.totals["student_flops"] + self.generation_flops
 
     def _sync(self, args) -> None:
         """totals = checkpointed base + this session's counts summed over processes. Every process
         calls this at the same steps (the Trainer's log/save decisions are the same everywhere)."""
         m = self.meter
         local = [m.flops.get("teacher", 0), m.flops.get("student", 0), m.flops.get("generation", 0),
-                 sum(m.recomputed.values()), m.tokens.get("student", 0), m.examples.get("student", 0)]  # fmt: skip
+                 sum(m.recomputed.values()), m.tokens.get("student", 0), m.examples.get("student", 0),
+                 *self._served]  # fmt: skip
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             t = torch.tensor(local, dtype=torch.float64, device=args.device)
             torch.distributed.all_reduce(t)
@@ -490,7 +532,7 @@ class CostCallback(TrainerCallback, ExportableState):
         logs = {
             "flops_teacher": float(self.teacher_flops),
             "flops_student": float(self.totals["student_flops"]),
-            **({"flops_student_generation": float(g)} if (g := self.totals["generation_flops"]) else {}),
+            **({"flops_student_generation": float(g)} if (g := self.generation_flops) else {}),
             "flops_total": float(self.total_flops),
             "pflops_days": pflops_days(self.total_flops),
             "flops_per_second": rate,
@@ -502,7 +544,7 @@ class CostCallback(TrainerCallback, ExportableState):
     def report(self, state=None) -> dict:
         t = self.totals
         teacher, student, total = self.teacher_flops, t["student_flops"], self.total_flops
-        generation = t["generation_flops"]
+        generation = self.generation_flops
         done, seconds, tokens = self.flops_done, t["seconds"], t["tokens"]
         hardware = done + t["recomputed_flops"]
         device_hours = seconds * self._devices / 3600
@@ -522,7 +564,13 @@ class CostCallback(TrainerCallback, ExportableState):
                 "forwards; HFU is computed on them, MFU on model FLOPs",
             },
             # none: no teacher forward ran in training (alpha 0)
-            "teacher_source": "cache" if self.teacher_cache is not None else "model" if teacher else "none",
+            "teacher_source": "server"
+            if self.teacher_server is not None
+            else "cache"
+            if self.teacher_cache is not None
+            else "model"
+            if teacher
+            else "none",
             "tokens": tokens,
             "examples": t["examples"],
             "flops_per_token": {
@@ -554,9 +602,30 @@ class CostCallback(TrainerCallback, ExportableState):
                 "build_examples": c["examples"],
                 "build_seconds": c["seconds"],
                 "share": self.cache_share,
-                "note": "the teacher ran when the cache was built, not in this run: it is billed the build's measured "
-                "FLOPs for the share of the cached examples this run read (amortised), and left out of this run's "
-                "FLOP/s, MFU and HFU",
+                "measured": c.get("measured", True),
+                "note": "the teacher ran when the cache was built, not in this run: it is billed the build's FLOPs "
+                "(measured; computed from the teacher's config where a server built it) for the share of the cached "
+                "examples this run read (amortised), and left out of this run's FLOP/s, MFU and HFU",
+            }
+        if self.generation_server is not None:
+            report["generation_server"] = {
+                "url": self.generation_server,
+                "computed_flops": t["served_generation_flops"],
+                "note": "the student's samples were made on a vLLM server (use_vllm): their FLOPs are computed from the "
+                "student's size (the prompt's forward, then one forward per sampled token over its context), not "
+                "measured, and left out of this run's FLOP/s, MFU and HFU",
+            }
+        if self.teacher_server is not None:
+            report["teacher_server"] = {
+                "url": self.teacher_server,
+                "computed_flops": t["served_flops"],
+                "positions": t["served_positions"],
+                "request_seconds": t["served_ms"] / 1000,
+                "waited_seconds": t["waited_ms"] / 1000,
+                "note": "the teacher ran on the server, not on this run's devices: its FLOPs are computed from its "
+                "config (2 x Linear parameters + attention over the whole prompt, per position sent), not measured, "
+                "and left out of this run's FLOP/s, MFU and HFU; waited_seconds is the part of request_seconds the "
+                "trainer spent blocked on the server",
             }
         return report
 
@@ -578,6 +647,12 @@ def render_report(r: dict) -> str:
         lines.append(
             f"  (teacher: amortised from the cache build, {c['share']:.0%} of its {_num(c['build_flops'])} FLOPs; "
             "not run here)"
+        )
+    if r.get("teacher_server"):
+        c = r["teacher_server"]
+        lines.append(
+            f"  (teacher: on the server {c['url']}, computed from its config for {_num(c['positions'])} positions, "
+            f"not measured; requests {c['request_seconds']:.1f} s, of which training waited {c['waited_seconds']:.1f} s)"
         )
     if r["hardware_flops"]["recomputed"]:
         lines.append(

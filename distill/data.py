@@ -67,9 +67,11 @@ def detect_format(rows: datasets.Dataset, name: str = "dataset") -> str:
         return "prompt_completion"
     if "text" in columns:
         return "text"
+    if "prompt" in columns:
+        return "prompt"
     raise UserError(
         f"{name} has columns {sorted(columns)}, none that distill can train on: give a `messages` column "
-        "(chat), `prompt` and `completion` columns, or a `text` column"
+        "(chat), `prompt` and `completion` columns, a `text` column, or (on-policy only) a `prompt` column"
     )
 
 
@@ -93,6 +95,11 @@ def _prompt_completion(row, tokenizer, max_length):
     ids = (prompt + completion)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt) + completion)[:max_length]
     return {"input_ids": ids, "labels": labels}
+
+
+def _prompt_only(row, tokenizer, max_length):
+    ids = tokenizer(row["prompt"])["input_ids"][:max_length]
+    return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids)}
 
 
 def assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
@@ -163,10 +170,31 @@ def check_has_targets(rows: datasets.Dataset, fmt: str, name: str) -> None:
         print(f"distill: {name}: in {empty} of {len(rows)} rows {_NO_TARGET_TEXT[fmt]}; they train only the end token")
 
 
-def tokenize(rows: datasets.Dataset, tokenizer, max_length: int, name: str = "dataset") -> datasets.Dataset:
+def tokenize(
+    rows: datasets.Dataset, tokenizer, max_length: int, name: str = "dataset", prompts_only: bool = False
+) -> datasets.Dataset:
+    """Token ids and labels (-100: not a target) of every row. ``prompts_only``: a `prompt`-only
+    dataset is accepted, its rows all prompt and no target (fully on-policy training samples every
+    completion); elsewhere it is refused, having nothing to train or evaluate on."""
     fmt = detect_format(rows, name)
     if len(rows) == 0:
         raise UserError(f"{name} is empty: it has no rows to train or evaluate on")
+    if fmt == "prompt":
+        if not prompts_only:
+            raise UserError(
+                f"{name} has a `prompt` column but no `completion`: only fully on-policy training (lmbda: 1) can "
+                "use prompts alone, since the student writes every completion. Add a `completion` column (or use "
+                "`messages`), or set lmbda: 1. Held-out data always needs completions (the loss is measured on them): give eval_dataset "
+                "with completions, or set eval_fraction: 0"
+            )
+        out = rows.map(
+            _prompt_only, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+            remove_columns=rows.column_names, desc=f"Tokenizing {name}",
+        )  # fmt: skip
+        out = out.filter(lambda row: len(row["input_ids"]) > 0, desc="Dropping empty prompts")
+        if len(out) == 0:
+            raise UserError(f"{name} has no prompt with any token")
+        return out
     if fmt == "messages" and not tokenizer.chat_template:
         raise UserError(f"{name} is chat data (`messages`) but the tokenizer has no chat template")
     check_has_targets(rows, fmt, name)
@@ -188,9 +216,10 @@ def tokenize(rows: datasets.Dataset, tokenizer, max_length: int, name: str = "da
     return out
 
 
-def build_datasets(args: DataArguments, tokenizer, seed: int = 0):
+def build_datasets(args: DataArguments, tokenizer, seed: int = 0, prompts_only: bool = False):
     """(train, eval or None), tokenized. The held-out split is cut from raw rows, before packing,
-    so no text is shared between the two."""
+    so no text is shared between the two. ``prompts_only``: the training data may be prompts alone
+    (see `tokenize`)."""
     train_rows = load_rows(args.dataset, args.dataset_config, args.dataset_split)
     if args.max_train_samples is not None:
         train_rows = train_rows.select(range(min(args.max_train_samples, len(train_rows))))
@@ -202,7 +231,7 @@ def build_datasets(args: DataArguments, tokenizer, seed: int = 0):
         train_rows, eval_rows = split["train"], split["test"]
     if eval_rows is not None and args.max_eval_samples is not None:
         eval_rows = eval_rows.select(range(min(args.max_eval_samples, len(eval_rows))))
-    train = tokenize(train_rows, tokenizer, args.max_length, f"dataset {args.dataset}")
+    train = tokenize(train_rows, tokenizer, args.max_length, f"dataset {args.dataset}", prompts_only)
     evaluation = None
     if eval_rows is not None:
         evaluation = tokenize(eval_rows, tokenizer, args.max_length, f"eval data {args.eval_dataset or args.dataset}")

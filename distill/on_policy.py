@@ -14,17 +14,27 @@ Sampling runs without gradient: the samples are data, as in GKD and TRL's GKDTra
 micro-batches are on-policy, and every sample, are drawn from generators seeded with
 (generation_seed, optimizer step, micro-batch): a resumed run draws what the uninterrupted run drew
 (the step is in the checkpoint), and the global RNG that dropout and data shuffling use is untouched.
+
+With ``use_vllm`` the samples come from a vLLM server serving the student (:class:`StudentServer`):
+the student's current weights are pushed to it every ``vllm_sync_steps`` optimizer steps (written
+as one safetensors file in a folder the server reads, and loaded in place by every vLLM worker with
+its ``reload_weights``, through the ``/collective_rpc`` endpoint of a server started with
+VLLM_SERVER_DEV_MODE=1), and each prompt is one request with its own seed.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from distill.cost import ModelSize
 from distill.data import Collator
-from distill.errors import UserError
+from distill.errors import ServerError, UserError
 from distill.losses import IGNORE_INDEX, distillation_loss, shift_for_causal_lm
+from distill.teacher_server import VLLMServer
 
 
 def step_seed(seed: int, step: int, micro_batch: int, purpose: int) -> int:
@@ -42,11 +52,17 @@ def is_on_policy(lmbda: float, seed: int, step: int, micro_batch: int) -> bool:
 
 
 def prompts_of(batch: dict) -> list[list[int]]:
-    """Each row's prompt: its tokens before the first target (label != -100)."""
+    """Each row's prompt: its tokens before the first target (label != -100); all its tokens when it
+    has no target (`prompt`-only data)."""
     prompts = []
-    for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
+    lengths = (
+        batch["attention_mask"].sum(1).tolist()
+        if "attention_mask" in batch
+        else [len(batch["labels"][0])] * len(batch["labels"])
+    )
+    for ids, labels, length in zip(batch["input_ids"], batch["labels"], lengths, strict=True):
         targets = labels.ne(IGNORE_INDEX).nonzero()
-        first = int(targets[0]) if len(targets) else len(labels)
+        first = int(targets[0]) if len(targets) else int(length)
         if first == 0:
             raise UserError(
                 "lmbda > 0 (on-policy distillation) needs prompts to sample from, but a training row is a target "
@@ -88,6 +104,73 @@ def sample(model, prompts: list[list[int]], *, pad_id: int, eos_id: int | None, 
             row = row[: row.index(eos_id) + 1]
         completions.append(row)
     return completions, out.shape[1] - width
+
+
+class StudentServer(VLLMServer):
+    """The student on a vLLM server: ``push`` its weights, then ``sample`` completions there."""
+
+    KEY = "vllm_server"
+    ROLE = "the student's vLLM server"
+    START = (
+        "start the student there with `VLLM_SERVER_DEV_MODE=1 vllm serve STUDENT` (see README, On-policy distillation)"
+    )
+
+    def __init__(self, url: str, size: ModelSize, **kw):
+        super().__init__(url, **kw)
+        self.size = size  # for the FLOPs of the samples, computed: the server's kernels are not counted here
+
+    def check(self, student: str) -> None:
+        self.serving(student, f"the recipe's student; {self.START}")
+
+    def push(self, model, folder) -> None:
+        """The student's current weights into the server: written to ``folder`` (which the server must
+        be able to read), reloaded in place by every worker, the prefix cache of the old weights dropped."""
+        from safetensors.torch import save_file
+
+        state, seen = {}, set()
+        for name, tensor in model.state_dict().items():
+            # Tied weights share storage, which safetensors refuses; each name gets its own copy, as the
+            # in-place reload needs every weight under its own name (a tied output layer included).
+            tensor = tensor.detach().cpu()
+            state[name] = tensor.clone() if tensor.data_ptr() in seen else tensor.contiguous()
+            seen.add(tensor.data_ptr())
+        head = model.get_output_embeddings()
+        if "lm_head.weight" not in state and head is not None:
+            state["lm_head.weight"] = head.weight.detach().cpu().clone()
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        save_file(state, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
+        self._call(
+            "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(Path(folder).resolve())}}
+        )
+        self._call("/reset_prefix_cache", {})
+
+    def sample(self, prompts: list[list[int]], *, eos_id: int | None, max_new_tokens: int, temperature: float,
+               top_p: float, seed: int) -> tuple[list[list[int]], int, int]:  # fmt: skip
+        """(completions, decoding steps, FLOPs): each prompt sampled on the server with seed ``seed + i``,
+        each completion cut after its first EOS. FLOPs are computed from the student's size: the
+        prompt's forward, then one forward per sampled token over its context."""
+
+        def one(i: int) -> list[int]:
+            body = {"model": self.model, "prompt": [prompts[i]], "max_tokens": max_new_tokens,
+                    "temperature": temperature, "top_p": top_p, "seed": seed + i, "return_token_ids": True,
+                    "skip_special_tokens": False}  # fmt: skip
+            if eos_id is not None:
+                body["stop_token_ids"] = [eos_id]
+            choices = self._call("/v1/completions", body).get("choices")
+            ids = choices[0].get("token_ids") if isinstance(choices, list) and len(choices) == 1 else None
+            if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids) or len(ids) > max_new_tokens:
+                raise ServerError(
+                    f"{self.ROLE} at {self.url} answered a completion without its token ids: {choices!r}"[:500]
+                )
+            return ids[: ids.index(eos_id) + 1] if eos_id in ids else ids
+
+        completions = list(self._pool(0).map(one, range(len(prompts))))
+        flops = sum(
+            len(p) * self.size.forward_flops_per_token(len(p))
+            + sum(self.size.forward_flops_per_token(len(p) + t) for t in range(1, len(c) + 1))
+            for p, c in zip(prompts, completions, strict=True)
+        )
+        return completions, max(map(len, completions), default=0), round(flops)
 
 
 def on_policy_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict:

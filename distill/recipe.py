@@ -194,6 +194,10 @@ QUICK_CHECKS = {
         lambda v: v >= 1,
         "gradient_accumulation_steps must be a whole number >= 1 (micro-batches per optimizer step), got {}",
     ),
+    "teacher_server_timeout": (lambda v: v > 0, "teacher_server_timeout must be > 0 seconds, got {}"),
+    "teacher_server_batch_size": (lambda v: v >= 1, "teacher_server_batch_size must be >= 1, got {}"),
+    "teacher_server_retries": (lambda v: v >= 0, "teacher_server_retries must be >= 0, got {}"),
+    "vllm_sync_steps": (lambda v: v >= 1, "vllm_sync_steps must be >= 1, got {}"),
 }
 # `distill generate`'s own (distill.generate.GenerateConfig), where some names mean something else.
 QUICK_CHECKS_GENERATE = {

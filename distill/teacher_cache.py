@@ -60,6 +60,7 @@ from distill.errors import UserError
 from distill.flops import FlopMeter
 from distill.losses import IGNORE_INDEX, TopKTargets, distillation_loss, teacher_topk, topk_distillation_loss
 from distill.models import local_model_digest
+from distill.teacher_server import TeacherServer, check_run
 
 FORMAT = 2  # 2: the teacher is identified by its files and dtype (teacher_fingerprint), + teacher_cost
 MANIFEST = "manifest.json"
@@ -113,6 +114,9 @@ def _mismatch(cached: dict, wanted: dict) -> list[str]:
 
 def _teacher_mismatch(cached: dict, wanted: dict, cached_name: str | None, wanted_name: str | None) -> list[str]:
     problems = []
+    # A cache filled from a server does not know the dtype the server ran in (None): not checked.
+    if cached["dtype"] is None:
+        wanted = {**wanted, "dtype": None}
     if cached["files"] != wanted["files"]:
         problems.append(
             f"the teacher's weights or config (cache: {_short(cached['files'])} from {cached_name}, "
@@ -333,9 +337,22 @@ def _write_shard(final: Path, arrays: dict, cost: dict) -> None:
     os.replace(tmp, final)
 
 
+def served_targets(server: TeacherServer, size, batches: list[dict]):
+    """Top-k targets of every target position of each batch, row-major, from a teacher server, with
+    the FLOPs the server did (computed from the teacher's config, as the trainer bills them). All the
+    batches are sent at once: the server works on the next while the answers of one are unpacked."""
+    for request, batch in [(server.submit(batch), batch) for batch in batches]:
+        scored = request.result()
+        target = batch["labels"][:, 1:].ne(IGNORE_INDEX)
+        rows = TopKTargets(*(t[:, :-1][target] for t in scored.targets))
+        yield rows, sum(n * size.forward_flops_per_token(n) for n in scored.lengths)
+
+
 def write_split(directory: Path, data, teacher, collator, *, k, temperature, vocab, batch_size, per_shard, progress):
-    """Cache ``data``'s targets under ``directory``, skipping shards that are already complete."""
-    device = next(teacher.parameters()).device
+    """Cache ``data``'s targets under ``directory``, skipping shards that are already complete.
+    ``teacher``: the model, or a (TeacherServer, its ModelSize) pair."""
+    served = isinstance(teacher, tuple)
+    device = "cpu" if served else next(teacher.parameters()).device
     meter = FlopMeter()  # one for the split: each batch shape is counted once, not once per shard
     for index in range(math.ceil(len(data) / per_shard)):
         final = directory / f"shard-{index:05d}"
@@ -345,18 +362,28 @@ def write_split(directory: Path, data, teacher, collator, *, k, temperature, voc
             continue
         arrays = {name: [] for name in ARRAYS}
         counts = []
-        started, flops_before = time.perf_counter(), meter.flops.get("teacher", 0)
-        for start in range(first, last, batch_size):
-            rows = [data[i] for i in range(start, min(last, start + batch_size))]
-            batch = {key: value.to(device) for key, value in collator(rows).items()}
-            targets = teacher_targets(teacher, batch, k, temperature, vocab, meter=meter)
+        started, flops_before, computed = time.perf_counter(), meter.flops.get("teacher", 0), 0
+        batches = [
+            {
+                key: value.to(device)
+                for key, value in collator([data[i] for i in range(s, min(last, s + batch_size))]).items()
+            }
+            for s in range(first, last, batch_size)
+        ]
+        if served:
+            results = served_targets(*teacher, batches)
+        else:
+            results = ((teacher_targets(teacher, batch, k, temperature, vocab, meter=meter), 0) for batch in batches)
+        for batch, (targets, flops) in zip(batches, results, strict=True):
             for name, dtype in ARRAYS.items():
                 arrays[name].append(getattr(targets, name).cpu().numpy().astype(dtype))
             counts += batch["labels"][:, 1:].ne(IGNORE_INDEX).sum(1).tolist()
-            progress.update(len(rows))
+            computed += flops
+            progress.update(len(batch["labels"]))
         out = {name: np.concatenate(parts) for name, parts in arrays.items()}
         out["offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        cost = {"flops": meter.flops.get("teacher", 0) - flops_before, "examples": last - first}
+        cost = {"flops": round(computed) if served else meter.flops.get("teacher", 0) - flops_before,
+                "examples": last - first}  # fmt: skip
         _write_shard(final, out, {**cost, "seconds": time.perf_counter() - started})
 
 
@@ -446,18 +473,27 @@ def build(
         raise UserError("set teacher_cache: PATH in the recipe (or --teacher_cache PATH): where to write the cache")
     if not config.teacher_model_name_or_path:
         raise UserError("cache-teacher runs the teacher: set teacher_model_name_or_path in the recipe")
-    for name, role in ((model_args.model_name_or_path, "student"), (config.teacher_model_name_or_path, "teacher")):
+    server = None
+    if config.teacher_server:
+        server = TeacherServer.of_recipe(config)
+    roles = (("student", model_args.model_name_or_path),) + (
+        () if server else (("teacher", config.teacher_model_name_or_path),)
+    )
+    for role, name in roles:
         resolve(name)
         check_max_length(name, data_args.max_length, role)
     tokenizer = load_tokenizer(model_args.model_name_or_path)
-    check_same_tokenizer(tokenizer, load_tokenizer(config.teacher_model_name_or_path))
+    if server is not None:
+        teacher_size = check_run(server, config, data_args, model_args, tokenizer)
+    else:
+        check_same_tokenizer(tokenizer, load_tokenizer(config.teacher_model_name_or_path))
     with config.main_process_first(desc="tokenizing"):
         train_data, eval_data = build_datasets(data_args, tokenizer, seed=config.seed)
     splits = {name: d for name, d in (("train", train_data), ("eval", eval_data)) if d is not None}
     identity = run_identity(config, data_args, tokenizer, train_data, eval_data)
     teacher_fingerprint = {
         "files": local_model_digest(config.teacher_model_name_or_path),  # None for a hub id
-        "dtype": config.resolved_teacher_dtype,
+        "dtype": None if server else config.resolved_teacher_dtype,  # a server's is not known here
     }
 
     path = Path(config.teacher_cache)
@@ -485,13 +521,17 @@ def build(
         raise UserError(f"teacher_cache {path} exists and is not a teacher cache: choose a new or empty directory")
 
     student = load_model(model_args.model_name_or_path, model_args.dtype, model_args.attn_implementation)
-    teacher = load_model(
-        config.teacher_model_name_or_path, config.resolved_teacher_dtype, model_args.attn_implementation
-    )
-    vocab_sizes_fit(tokenizer, student, teacher)
-    teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
-    vocab = min(student.get_output_embeddings().weight.shape[0], teacher_vocab)
-    teacher.to(config.device).eval()
+    if server is None:
+        teacher = load_model(
+            config.teacher_model_name_or_path, config.resolved_teacher_dtype, model_args.attn_implementation
+        )
+        vocab_sizes_fit(tokenizer, student, teacher)
+        teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
+        vocab = min(student.get_output_embeddings().weight.shape[0], teacher_vocab)
+        teacher.to(config.device).eval()
+    else:
+        vocab_sizes_fit(tokenizer, student)
+        teacher, teacher_vocab, vocab = (server, teacher_size), server.teacher_vocab, server.vocab
     student.to(config.device).eval()
 
     manifest = {
@@ -499,6 +539,7 @@ def build(
         "identity": identity,
         "teacher": config.teacher_model_name_or_path,
         "teacher_fingerprint": teacher_fingerprint,
+        "teacher_server": config.teacher_server,  # None: the teacher ran here
         "teacher_vocab_size": teacher_vocab,
         "vocab_size": vocab,
         "examples_per_shard": examples_per_shard,
@@ -524,10 +565,11 @@ def build(
         rows, size = rows + split_rows, size + split_size
     manifest["bytes_per_token"] = size / max(rows, 1)
     # What running the teacher cost, per split, for the training run to bill as its teacher's share.
-    manifest["teacher_cost"] = {name: _split_cost(path / name) for name in splits}
+    manifest["teacher_cost"] = {name: {**_split_cost(path / name), "measured": server is None} for name in splits}
     cache = TeacherCache.__new__(TeacherCache)  # the reader, on the manifest not yet marked complete
     cache.path, cache.manifest = path, manifest
-    manifest["report"] = loss_error(
+    # The top-k loss against the full teacher's needs the full teacher: not with a server.
+    manifest["report"] = None if server else loss_error(
         student, teacher, train_data, cache.split("train"), TargetsCollator(collator, config.teacher_top_k),
         config, vocab, batch_size,
     )  # fmt: skip
@@ -549,11 +591,17 @@ def summary(manifest: dict, path: str, recipe: str | None = None, overrides: lis
             f"mean teacher mass outside the top k {split['mean_tail_mass']:.2%}"
         )
     lines.append(f"  {manifest['bytes_per_token']:.0f} bytes per target token")
-    lines.append(
-        f"  loss vs the full-vocabulary teacher, recipe student, first {report['tokens']} target tokens: "
-        f"KD {report['kd_topk']:.4f} vs {report['kd_full']:.4f} ({report['kd_rel_error']:.2%}), "
-        f"total {report['loss_topk']:.4f} vs {report['loss_full']:.4f} ({report['loss_rel_error']:.2%})"
-    )
+    if report is None:
+        lines.append(
+            f"  from the teacher server {manifest['teacher_server']}: its FLOPs computed from the teacher's config; "
+            "no comparison with the full-vocabulary loss (that needs the teacher here)"
+        )
+    else:
+        lines.append(
+            f"  loss vs the full-vocabulary teacher, recipe student, first {report['tokens']} target tokens: "
+            f"KD {report['kd_topk']:.4f} vs {report['kd_full']:.4f} ({report['kd_rel_error']:.2%}), "
+            f"total {report['loss_topk']:.4f} vs {report['loss_full']:.4f} ({report['loss_rel_error']:.2%})"
+        )
     lines.append(f"  train on it with: {train_command(identity['k'], path, recipe, overrides)}")
     return "\n".join(lines)
 

@@ -15,6 +15,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from distill import adapters
 from distill.config import TRAIN_ARGUMENTS
+from distill.cost import model_size
 from distill.data import Collator, build_datasets
 from distill.errors import UserError
 from distill.models import (
@@ -26,9 +27,11 @@ from distill.models import (
     resolve,
     vocab_sizes_fit,
 )
-from distill.on_policy import prompts_of
+from distill.on_policy import StudentServer, prompts_of
 from distill.recipe import load_recipe, parse
+from distill.teacher import ServedTeacher
 from distill.teacher_cache import TargetsCollator, TeacherCache, run_identity
+from distill.teacher_server import ServedTargetsCollator, TeacherServer, check_run
 from distill.trainer import DistillTrainer
 
 ARGUMENTS = TRAIN_ARGUMENTS
@@ -90,9 +93,17 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     adapters.check(model_args, config)
     resolve(model_args.model_name_or_path)
     check_max_length(model_args.model_name_or_path, data_args.max_length, "student")
-    # With a teacher cache no teacher is loaded, or even needs to exist on this machine.
+    if config.teacher_cache and config.teacher_server:
+        raise UserError(
+            "teacher_cache and teacher_server are both set, and training reads its targets from one: drop "
+            "teacher_server to train from the cache (`distill cache-teacher` is what fills a cache from a server)"
+        )
+    # With a teacher cache or server no teacher is loaded, or even needs to be on this machine.
     cache = TeacherCache(config.teacher_cache) if config.teacher_cache else None
-    if cache is None:
+    server = None
+    if config.teacher_server:
+        server = TeacherServer.of_recipe(config)
+    elif cache is None:
         resolve(config.teacher_model_name_or_path)
         check_max_length(config.teacher_model_name_or_path, data_args.max_length, "teacher")
     else:
@@ -100,11 +111,23 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         if note and config.process_index == 0:
             print(note, flush=True)
 
+    student_server = None
+    if config.use_vllm:
+        if model_args.use_peft:
+            raise UserError(
+                "use_vllm pushes the whole student to the server, and use_peft trains an adapter: not implemented "
+                "together; sample with transformers' generate (use_vllm: false)"
+            )
+        student_server = StudentServer(config.vllm_server, size=model_size(model_args.model_name_or_path))
+        student_server.check(model_args.model_name_or_path)
+
     tokenizer = load_tokenizer(model_args.model_name_or_path)
-    if cache is None:
+    if server is not None:
+        teacher_size = check_run(server, config, data_args, model_args, tokenizer)
+    elif cache is None:
         check_same_tokenizer(tokenizer, load_tokenizer(config.teacher_model_name_or_path))
     with config.main_process_first(desc="tokenizing"):
-        train_data, eval_data = build_datasets(data_args, tokenizer, seed=config.seed)
+        train_data, eval_data = build_datasets(data_args, tokenizer, seed=config.seed, prompts_only=config.lmbda == 1)
     if cache is not None:
         cache.check(run_identity(config, data_args, tokenizer, train_data, eval_data))
     if config.lmbda > 0:
@@ -114,7 +137,14 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     if config.process_index == 0:
         print(adapters.trainable_parameters(student), flush=True)
     collator = Collator(tokenizer.pad_token_id)
-    if cache is None:
+    if server is not None:
+        vocab_sizes_fit(tokenizer, student)
+        teacher = ServedTeacher(server, teacher_size)
+        # Asked for one batch ahead, except where they would go unread: on-policy batches are replaced
+        # after collation (their targets are asked for when they exist), and alpha 0 reads none in training.
+        if config.lmbda == 0 and config.alpha > 0:
+            collator = ServedTargetsCollator(collator, server)
+    elif cache is None:
         teacher = load_model(
             config.teacher_model_name_or_path, config.resolved_teacher_dtype, model_args.attn_implementation
         )
@@ -139,6 +169,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         eval_dataset=eval_data,
         processing_class=tokenizer,
         data_collator=collator,
+        student_server=student_server,
     )
     return train_and_save(trainer, recipe, resume, summary)
 
@@ -228,7 +259,11 @@ def write_model_card(trainer, recipe: dict, metrics: dict, output_dir: str) -> N
         )
     lines += ["", "## Training", "", "| | |", "|---|---|", f"| student | {_named(student)} |"]
     if distilling:
-        source = f" (its top-k targets, cached in `{config.teacher_cache}`)" if config.teacher_cache else ""
+        source = (
+            f" (its top-k targets, cached in `{config.teacher_cache}`)" if config.teacher_cache
+            else f" (its top-k targets, served by vLLM at {config.teacher_server})" if config.teacher_server
+            else ""
+        )  # fmt: skip
         lines.append(f"| teacher | {_named(teacher)}{source} |")
     lines.append(f"| training data | {_named(recipe['dataset'])} |")
     if recipe.get("eval_dataset"):

@@ -12,9 +12,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
+import shutil
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
 
 from distill.chunked import (
     chunked_distillation_loss,
@@ -26,17 +29,12 @@ from distill.chunked import (
 )
 from distill.config import DistillConfig
 from distill.cost import CostCallback
-from distill.errors import NonFiniteError
-from distill.losses import (
-    IGNORE_INDEX,
-    TopKTargets,
-    distillation_loss,
-    shared_vocab,
-    top1_agreement,
-    topk_distillation_loss,
-)
-from distill.on_policy import is_on_policy, on_policy_batch, prompts_of, sample, step_seed
+from distill.errors import NonFiniteError, ServerError, UserError
+from distill.losses import IGNORE_INDEX, TopKTargets, distillation_loss, top1_agreement, topk_distillation_loss
+from distill.on_policy import StudentServer, is_on_policy, on_policy_batch, prompts_of, sample, step_seed
 from distill.placement import describe, parameter_bytes, place_teacher, sharding
+from distill.teacher import CachedTeacher, ModelTeacher, ServedTeacher, TeacherLogits
+from distill.teacher_cache import TeacherCache
 
 
 class MeteredTrainer(Trainer):
@@ -90,7 +88,10 @@ class DistillTrainer(MeteredTrainer):
     # not divide by the accumulation steps again.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, model, teacher, args: DistillConfig, **kwargs):
+    def __init__(self, model, teacher, args: DistillConfig, student_server: StudentServer | None = None, **kwargs):
+        """``teacher``: the teacher model, or a source of its targets (distill.teacher): a
+        ``ServedTeacher``, a ``CachedTeacher``, or None for the cache ``args.teacher_cache`` names.
+        ``student_server``: with ``args.use_vllm``, the vLLM server that samples the student's completions."""
         # Trainer and accelerate set private fields on the args they get; the user's object stays theirs.
         super().__init__(model=model, args=copy.deepcopy(args), **kwargs)
         # Make the Trainer count real target tokens over the whole step (all micro-batches and, with
@@ -98,26 +99,25 @@ class DistillTrainer(MeteredTrainer):
         # shifts labels like a causal LM, so count labels[:, 1:].
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
-        # teacher=None: the teacher's top-k targets come with each batch, from args.teacher_cache.
-        self.teacher = self._prepare_teacher(teacher) if teacher is not None else None
-        self._targets_vocab = None
-        if self.teacher is None:
+        if teacher is None:
             if not self.args.teacher_cache:
-                raise ValueError("DistillTrainer needs a teacher model, or args.teacher_cache with its top-k targets")
-            from distill.teacher_cache import TeacherCache
-
-            cache = TeacherCache(self.args.teacher_cache)
-            self._targets_vocab = cache.vocab_size
-            # At alpha 0 training reads no targets (only evaluation does): the build is not this run's bill.
-            if self.cost and self.args.alpha > 0:
-                self.cost.teacher_cache = cache.manifest["teacher_cost"]["train"]
+                raise ValueError("DistillTrainer needs a teacher model, a source of its targets, or args.teacher_cache")
+            teacher = CachedTeacher(TeacherCache(self.args.teacher_cache))
+        if isinstance(teacher, torch.nn.Module):
+            teacher = ModelTeacher(self._prepare_teacher(teacher))
+        self.teacher = teacher
+        # At alpha 0 training reads no targets (only evaluation does): the build is not this run's bill.
+        if isinstance(teacher, CachedTeacher) and self.cost and self.args.alpha > 0:
+            self.cost.teacher_cache = teacher.cache.manifest["teacher_cost"]["train"]
+        if isinstance(teacher, ServedTeacher) and self.cost:
+            self.cost.teacher_server = teacher.server.url
         # The chunked loss reads the output layers' weights whole, outside their forward; the
         # sharding engines only gather them inside it.
         self._chunked = (
             self.args.chunked_loss
             and sharding(self.accelerator) is None
             and supports_chunked_loss(self.model)
-            and (self.teacher is None or supports_chunked_loss(self.teacher))
+            and teacher.chunkable
         )
         # Inside the Trainer autocast covers only the model's forward, not compute_loss: the chunked
         # loss is told the run's mixed-precision dtype for its output-layer matmuls.
@@ -129,6 +129,16 @@ class DistillTrainer(MeteredTrainer):
         # KL summed over the sampled tokens; since the last log
         self._policy_sums = torch.zeros(5)
         self._eval_prefix = "eval"
+        if self.args.use_vllm:
+            if student_server is None:
+                raise ValueError("args.use_vllm needs the student_server that samples the completions")
+            if sharding(self.accelerator) is not None:
+                raise UserError(
+                    "use_vllm writes the whole student for the server from this process, which a sharded student "
+                    "(FSDP, ZeRO-3) cannot do here; sample with transformers' generate (use_vllm: false)"
+                )
+        self.student_server = student_server
+        self._pushed_step = None  # the optimizer step whose weights the server holds
 
     def _prepare_teacher(self, teacher: torch.nn.Module) -> torch.nn.Module:
         teacher = place_teacher(teacher, self.model, self.accelerator)
@@ -138,23 +148,6 @@ class DistillTrainer(MeteredTrainer):
         if self.is_world_process_zero():
             print(describe(teacher, self.accelerator, held, full), flush=True)
         return teacher
-
-    def _teacher_cost(self, inputs: dict):
-        # Evaluation's teacher calls are not training compute.
-        training = self.model.training and self.cost
-        return self.cost.teacher_forward(inputs) if training else contextlib.nullcontext()
-
-    @torch.no_grad()
-    def teacher_logits(self, inputs: dict) -> torch.Tensor:
-        with self._teacher_cost(inputs):
-            return self.teacher(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
-
-    @torch.no_grad()
-    def teacher_hidden(self, inputs: dict) -> torch.Tensor:
-        """The teacher's final hidden states, for the chunked loss (its logits are never made)."""
-        with self._teacher_cost(inputs), final_hidden_states(self.teacher) as captured:
-            self.teacher(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), logits_to_keep=1)
-        return captured["hidden"]
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The step's micro-batches, a fraction ``lmbda`` of them with completions the student samples
@@ -184,21 +177,55 @@ class DistillTrainer(MeteredTrainer):
             # Under FSDP2 / ZeRO-3 every process must run as many forwards as the longest sampler.
             "synced_gpus": sharding(self.accelerator) is not None and self.accelerator.num_processes > 1,
         }  # fmt: skip
-        completions, steps = sample(student, prompts, **kw)
-        if self.cost:
-            width = torch.empty(len(prompts), max(map(len, prompts)))
-            self.cost.student_generation(width, steps, lambda: sample(student, prompts, **kw))
+        if self.args.use_vllm:
+            completions = self._sample_on_server(student, prompts, kw)
+        else:
+            completions, steps = sample(student, prompts, **kw)
+            if self.cost:
+                width = torch.empty(len(prompts), max(map(len, prompts)))
+                self.cost.student_generation(width, steps, lambda: sample(student, prompts, **kw))
         return on_policy_batch(prompts, completions, tokenizer.pad_token_id)
+
+    def _sample_on_server(self, student, prompts: list[list[int]], kw: dict) -> list[list[int]]:
+        """The samples from the student's vLLM server, after pushing it the current weights if the last
+        push is vllm_sync_steps old (one process writes and pushes, the others wait for it)."""
+        server, step = self.student_server, self.state.global_step
+        try:
+            if self._pushed_step is None or step - self._pushed_step >= self.args.vllm_sync_steps:
+                if self.accelerator.is_main_process:
+                    server.push(student, self._weights_dir())
+                self.accelerator.wait_for_everyone()
+                self._pushed_step = step
+            completions, _, flops = server.sample(
+                prompts, eos_id=kw["eos_id"], max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"],
+                top_p=kw["top_p"], seed=kw["seed"] % (1 << 31),
+            )  # fmt: skip
+        except ServerError as err:
+            raise self._server_stopped(err, evaluating=False) from err
+        if self.cost:
+            self.cost.student_generation_served(flops, server.url)
+        return completions
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            # The pushed weights are a copy of the student for the server, not a result of the run.
+            if self.args.use_vllm and not self.args.vllm_weights_dir and self.is_world_process_zero():
+                shutil.rmtree(self._weights_dir(), ignore_errors=True)
+
+    def _weights_dir(self) -> str:
+        return self.args.vllm_weights_dir or os.path.join(self.args.output_dir, "vllm_weights")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training and self.accelerator.num_processes > 1:
             inputs = {**inputs, "labels": self._without_padded_rows(inputs["labels"])}
-        out, outputs, agreement, sides = self._distill(model, inputs, num_items_in_batch)
+        out, outputs, agreement, student, targets = self._distill(model, inputs, num_items_in_batch)
         if not bool(torch.isfinite(out.loss)):
-            raise self._non_finite(out.loss, sides, model.training)
+            raise self._non_finite(out.loss, {"teacher": _tensors(targets), "student": [student[0]]}, model.training)
         if "on_policy" in inputs:
             denom = num_items_in_batch if num_items_in_batch is not None else out.num_tokens
-            reverse_kl = self._sampled_reverse_kl(model, inputs, out, sides, denom)
+            reverse_kl = self._sampled_reverse_kl(student, targets, inputs["labels"], out, denom)
             self._policy_sums[2:] += torch.stack(
                 [torch.tensor(float(len(inputs["labels"]))), out.num_tokens.float().cpu(), reverse_kl.float().cpu()]
             )
@@ -216,33 +243,117 @@ class DistillTrainer(MeteredTrainer):
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
+    def _distill(self, model, inputs, num_items_in_batch):
+        """(DistillationLoss, student outputs, (matches, tokens) at evaluation else None, the student's
+        side (logits,) or (hidden, weight), the teacher's targets).
+
+        One path whatever the teacher's source: the student's side, the source's targets
+        (distill.teacher), the loss on the two (`_loss`).
+        """
+        labels = inputs["labels"]
+        kw = {
+            "alpha": self.args.alpha,
+            "temperature": self.args.temperature,
+            "loss_type": self.args.loss_type,
+            "beta": self.args.beta,
+            "num_items_in_batch": num_items_in_batch,
+        }
+        # Without labels the model computes no loss of its own: we would throw it away.
+        model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
+        evaluating = not model.training
+        if self._chunked:
+            unwrapped = self.accelerator.unwrap_model(model)
+            with final_hidden_states(unwrapped) as captured:
+                outputs = model(**model_inputs, logits_to_keep=1)
+            student = (captured["hidden"], output_weight(unwrapped))
+        else:
+            outputs = model(**model_inputs)
+            student = (outputs.logits,)
+        if not evaluating and self.args.alpha == 0.0:
+            # Plain supervised training: the teacher neither runs nor is billed in training, and a
+            # stand-in makes the KD term exactly 0 (not logged): the student's own distribution, or in
+            # the chunked loss top-k targets with k = 0 (the whole vocabulary one bucket, on which no
+            # two distributions differ). Evaluation still asks the teacher, for agreement and the KL.
+            none = labels.new_zeros(*labels.shape, 0)
+            targets = (
+                TopKTargets(none.float(), none, torch.zeros(labels.shape, device=labels.device))
+                if self._chunked
+                else TeacherLogits(outputs.logits.detach())
+            )
+        else:
+            try:
+                targets = self.teacher.targets(inputs, self._chunked, None if evaluating else self.cost)
+            except ServerError as err:
+                raise self._server_stopped(err, evaluating) from err
+        out = self._loss(student, targets, labels, kw, bill=not evaluating)
+        agreement = top1_agreement(*self._top1(student, targets), labels) if evaluating else None
+        return out, outputs, agreement, student, targets
+
+    def _loss(self, student: tuple, targets, labels, kw: dict, bill: bool, tag: str = ""):
+        """The KD loss of the student's side on the teacher's targets: full distribution or top-k, each
+        through the reference losses (logits) or the chunked ones (hidden states)."""
+        topk = isinstance(targets, TopKTargets)
+        if not self._chunked:
+            (logits,) = student
+            if topk:
+                return topk_distillation_loss(logits, targets, labels, vocab_size=self._vocab(student, targets), **kw)
+            return distillation_loss(logits, targets.logits, labels, **kw)
+        hidden, weight = student
+        vocab = self._vocab(student, targets)
+        if topk:
+            key, teacher_per_row = (tag, "top-k", hidden.shape[-1], vocab, targets.ids.shape[-1]), 0
+        else:
+            # The teacher's output layer runs inside the loss: one (rows x hidden_T) @ (hidden_T x vocab).
+            key, teacher_per_row = (
+                (tag, "logits", hidden.shape[-1], targets.weight.shape[1], vocab),
+                2 * targets.weight.shape[1] * vocab,
+            )
+        rows = int(labels[:, 1:].ne(IGNORE_INDEX).sum())
+        with self.cost.output_layers(rows, key, teacher_per_row) if self.cost and bill else contextlib.nullcontext():
+            if topk:
+                return chunked_topk_distillation_loss(
+                    hidden, weight, targets, labels, vocab_size=vocab, compute_dtype=self._compute_dtype, **kw
+                )
+            return chunked_distillation_loss(hidden, weight, *targets, labels, compute_dtype=self._compute_dtype, **kw)
+
+    def _vocab(self, student: tuple, targets) -> int:
+        """The shared vocabulary: what both the student's logits and the teacher's targets cover."""
+        width = student[-1].shape[0] if self._chunked else student[0].shape[-1]
+        if isinstance(targets, TopKTargets):
+            # k = 0 is alpha 0's stand-in for a teacher: over the student's own vocabulary.
+            return self.teacher.vocab if targets.ids.shape[-1] else width
+        return min(width, targets.weight.shape[0] if self._chunked else targets.logits.shape[-1])
+
+    def _top1(self, student: tuple, targets) -> tuple[torch.Tensor, torch.Tensor]:
+        """(student, teacher) top-1 ids over the shared vocabulary, for agreement."""
+        vocab = self._vocab(student, targets)
+        if self._chunked:
+            mine = top1_rows(*student, vocab)
+        else:
+            mine = student[0][..., :vocab].argmax(-1)
+        if isinstance(targets, TopKTargets):
+            return mine, targets.ids[..., 0]
+        return mine, top1_rows(*targets, vocab) if self._chunked else targets.logits[..., :vocab].argmax(-1)
+
     @torch.no_grad()
-    def _sampled_reverse_kl(self, model, inputs, out, sides, denom) -> torch.Tensor:
+    def _sampled_reverse_kl(self, student: tuple, targets, labels, out, denom) -> torch.Tensor:
         """Sum over an on-policy batch's sampled tokens of KL(p_S || p_T) at T = 1: how far the student's
         own samples are from what the teacher would write. The loss's KD term when it is exactly that;
         else computed again from what the loss used, without gradient (and billed)."""
         if self.args.loss_type == "reverse_kl" and self.args.temperature == 1.0:
             return out.kd * denom
-        labels = inputs["labels"]
         kw = {"alpha": 1.0, "temperature": 1.0, "loss_type": "reverse_kl", "num_items_in_batch": 1}
-        if not self._chunked:
-            (logits,), (teacher_logits,) = sides["student"], sides["teacher"]
-            return distillation_loss(logits, teacher_logits, labels, **kw).kd
-        (hidden,), (teacher_hidden, teacher_weight) = sides["student"], sides["teacher"]
-        weight = output_weight(self.accelerator.unwrap_model(model))
-        vocab = min(weight.shape[0], teacher_weight.shape[0])
-        key, teacher_per_row = (
-            ("reverse kl", hidden.shape[-1], teacher_weight.shape[1], vocab),
-            2 * teacher_weight.shape[1] * vocab,
+        return self._loss(student, targets, labels, kw, bill=True, tag="reverse kl").kd
+
+    def _server_stopped(self, err: ServerError, evaluating: bool) -> ServerError:
+        where = f"evaluation at step {self.state.global_step}" if evaluating else f"step {self.state.global_step + 1}"
+        last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        resume = (
+            f"restart the server and resume from the last checkpoint with --resume_from_checkpoint {last}"
+            if last
+            else "no checkpoint was saved yet: restart the server and train again"
         )
-        with (
-            self.cost.output_layers(int(out.num_tokens), key, teacher_per_row)
-            if self.cost
-            else contextlib.nullcontext()
-        ):
-            return chunked_distillation_loss(
-                hidden, weight, teacher_hidden, teacher_weight, labels, compute_dtype=self._compute_dtype, **kw
-            ).kd
+        return ServerError(f"{where}: {err}; {resume}")
 
     def _without_padded_rows(self, labels: torch.Tensor) -> torch.Tensor:
         """``labels`` with -100 on the rows accelerate added to even out the last evaluation batches.
@@ -274,91 +385,6 @@ class DistillTrainer(MeteredTrainer):
             f"{where}: the loss is {loss.item()} although both sides' logits are finite; check temperature, "
             "loss_type and the labels"
         )
-
-    def _distill(self, model, inputs, num_items_in_batch):
-        """(DistillationLoss, student outputs, (matches, tokens) at evaluation else None, the tensors
-        each side produced, for finding a non-finite one).
-
-        Four paths, one loss: teacher model or cached top-k targets, each through the reference
-        losses (full logits) or the chunked ones (hidden states; the outputs then hold the logits of
-        the last position only).
-        """
-        labels = inputs["labels"]
-        kw = {
-            "alpha": self.args.alpha,
-            "temperature": self.args.temperature,
-            "loss_type": self.args.loss_type,
-            "beta": self.args.beta,
-            "num_items_in_batch": num_items_in_batch,
-        }
-        # Without labels the model computes no loss of its own: we would throw it away.
-        model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
-        evaluating = not model.training
-        # alpha 0 is plain supervised training: the teacher neither runs nor is billed in training, and
-        # a stand-in makes the KD term exactly 0 (not logged): the student's own distribution, or in
-        # the chunked loss top-k targets with k = 0 (the whole vocabulary one bucket, on which no two
-        # distributions differ). Evaluation still runs the teacher, for agreement and the held-out KL.
-        supervised = not evaluating and self.args.alpha == 0.0
-        targets = None
-        if supervised:
-            teacher_side = []
-        elif self.teacher is None:
-            targets = TopKTargets(inputs["teacher_logprobs"], inputs["teacher_ids"], inputs["teacher_tail"])
-            # Positions without a target hold zeros; a tail may be -inf (k = vocabulary), never NaN.
-            teacher_side = [targets.logprobs, targets.tail.nan_to_num(neginf=0.0)]
-        if self._chunked:
-            unwrapped = self.accelerator.unwrap_model(model)
-            with final_hidden_states(unwrapped) as student:
-                outputs = model(**model_inputs, logits_to_keep=1)
-            hidden, weight = student["hidden"], output_weight(unwrapped)
-            rows = int(labels[:, 1:].ne(IGNORE_INDEX).sum())
-            if supervised:
-                none = labels.new_zeros(*labels.shape, 0)
-                targets = TopKTargets(none.float(), none, torch.zeros(labels.shape, device=labels.device))
-            if targets is None:
-                teacher = (self.teacher_hidden(inputs), output_weight(self.teacher))
-                teacher_side = list(teacher)
-                vocab = min(weight.shape[0], teacher[1].shape[0])
-                # The teacher's output layer runs inside the loss: one (rows x hidden_T) @ (hidden_T x vocab).
-                key, teacher_per_row = (
-                    ("logits", hidden.shape[-1], teacher[1].shape[1], vocab),
-                    2 * teacher[1].shape[1] * vocab,
-                )
-            else:
-                vocab = weight.shape[0] if supervised else self._targets_vocab
-                key, teacher_per_row = ("top-k", hidden.shape[-1], vocab, targets.ids.shape[-1]), 0
-            with (
-                self.cost.output_layers(rows, key, teacher_per_row)
-                if self.cost and not evaluating
-                else contextlib.nullcontext()
-            ):
-                if targets is None:
-                    out = chunked_distillation_loss(
-                        hidden, weight, *teacher, labels, compute_dtype=self._compute_dtype, **kw
-                    )
-                else:
-                    out = chunked_topk_distillation_loss(
-                        hidden, weight, targets, labels, vocab_size=vocab, compute_dtype=self._compute_dtype, **kw
-                    )
-            sides = {"teacher": teacher_side, "student": [hidden]}
-            agreement = None
-            if evaluating:
-                teacher_top1 = targets.ids[..., 0] if targets is not None else top1_rows(teacher[0], teacher[1], vocab)
-                agreement = top1_agreement(top1_rows(hidden, weight, vocab), teacher_top1, labels)
-            return out, outputs, agreement, sides
-        outputs = model(**model_inputs)
-        if supervised:
-            out, top1 = distillation_loss(outputs.logits, outputs.logits.detach(), labels, **kw), None
-        elif targets is not None:
-            out = topk_distillation_loss(outputs.logits, targets, labels, vocab_size=self._targets_vocab, **kw)
-            top1 = (outputs.logits[..., : self._targets_vocab].argmax(-1), targets.ids[..., 0]) if evaluating else None
-        else:
-            teacher_logits = self.teacher_logits(inputs)
-            teacher_side = [teacher_logits]
-            out = distillation_loss(outputs.logits, teacher_logits, labels, **kw)
-            top1 = [x.argmax(-1) for x in shared_vocab(outputs.logits, teacher_logits)] if evaluating else None
-        agreement = top1_agreement(*top1, labels) if evaluating else None
-        return out, outputs, agreement, {"teacher": teacher_side, "student": [outputs.logits]}
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -407,3 +433,11 @@ class DistillTrainer(MeteredTrainer):
             self._train_sums.zero_()
             self._last_logged_step = None
         super().log(logs, start_time)
+
+
+def _tensors(targets) -> list[torch.Tensor]:
+    """What the teacher's side produced, to find a non-finite one. A top-k tail may be -inf (k =
+    vocabulary), never NaN; positions without a target hold zeros."""
+    if isinstance(targets, TopKTargets):
+        return [targets.logprobs, targets.tail.nan_to_num(neginf=0.0)]
+    return list(targets)

@@ -57,13 +57,13 @@ def trainer_for(tmp_path, chunked, **overrides):
 
 def spy_on_teacher(trainer, monkeypatch) -> list:
     """Whether the student was training at each call of the teacher's forward."""
-    calls, forward = [], trainer.teacher.forward
+    calls, forward = [], trainer.teacher.model.forward
 
     def spy(*args, **kwargs):
         calls.append(trainer.model.training)
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(trainer.teacher, "forward", spy)
+    monkeypatch.setattr(trainer.teacher.model, "forward", spy)
     return calls
 
 

@@ -51,7 +51,7 @@ def assert_clear(code, err, *needles):
         ({"temperature": 0}, ["temperature must be > 0"]),
         ({"loss_type": "kl"}, ["unknown loss_type 'kl'", "forward_kl"]),
         ({"temprature": 2.0}, ["unknown recipe key 'temprature'", "did you mean 'temperature'"]),
-        ({"dataset": str(DATA / "prompts.jsonl")}, ["none that distill can train on", "prompt"]),
+        ({"dataset": str(DATA / "prompts.jsonl")}, ["has a `prompt` column but no `completion`", "lmbda: 1"]),
         ({"dataset": None}, ["dataset is required"]),
     ],
     ids=[

@@ -47,8 +47,9 @@ def test_format_is_read_off_the_columns():
     assert detect_format(datasets.Dataset.from_dict({"messages": [[]], "text": ["x"]})) == "messages"
     assert detect_format(datasets.Dataset.from_dict({"prompt": ["a"], "completion": ["b"]})) == "prompt_completion"
     assert detect_format(datasets.Dataset.from_dict({"text": ["x"]})) == "text"
-    with pytest.raises(ValueError, match="`messages`.*`prompt` and `completion`.*`text`"):
-        detect_format(datasets.Dataset.from_dict({"body": ["x"], "prompt": ["only a prompt"]}))
+    assert detect_format(datasets.Dataset.from_dict({"body": ["x"], "prompt": ["only a prompt"]})) == "prompt"
+    with pytest.raises(ValueError, match="`messages`.*`prompt` and `completion`.*`text`.*a `prompt` column"):
+        detect_format(datasets.Dataset.from_dict({"body": ["x"], "question": ["?"]}))
 
 
 def test_an_empty_dataset_is_refused(tokenizer, tmp_path):

@@ -285,12 +285,12 @@ def train_worker(record_dir: str, *overrides: str) -> None:
 
     trainer = trainers[0]
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
-    teacher = list(trainer.teacher.parameters())
+    teacher = list(trainer.teacher.model.parameters())
     record["teacher"] = {
         "trainable": any(p.requires_grad for p in teacher),
         "has_grad": any(p.grad is not None for p in teacher),
         "in_optimizer": any(id(p) in optimized for p in teacher),
-        "wrapped": isinstance(trainer.teacher, torch.nn.parallel.DistributedDataParallel),
+        "wrapped": isinstance(trainer.teacher.model, torch.nn.parallel.DistributedDataParallel),
     }
     record["student"] = type(trainer.model_wrapped).__name__  # what the optimizer steps through
     record["eval"], record["eval_before"] = metrics["eval"], metrics["eval_before"]

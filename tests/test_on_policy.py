@@ -76,7 +76,7 @@ def test_an_on_policy_batch_is_graded_on_the_sampled_tokens_only(tmp_path, domai
     reference_student = copy.deepcopy(model).double()
     loss = trainer.compute_loss(model, trainer._prepare_inputs(batch), num_items_in_batch=num_items)
     loss.backward()
-    want = reference_loss(reference_student, trainer.teacher.double(), batch, 0.7, 2.0, int(num_items))
+    want = reference_loss(reference_student, trainer.teacher.model.double(), batch, 0.7, 2.0, int(num_items))
     want.backward()
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
     for (name, p), (_, q) in zip(model.named_parameters(), reference_student.named_parameters(), strict=True):
@@ -161,6 +161,45 @@ def test_on_policy_on_text_data_is_refused_before_the_models_load(tmp_path, caps
     monkeypatch.setattr(distill.adapters, "load_student", lambda *a, **k: pytest.fail("a model was loaded"))
     code = cli.main(["train", "recipes/tiny_cpu.yaml", "--output_dir", str(tmp_path / "out"), "--lmbda", "1"])
     assert code == 2 and "needs prompts to sample from" in capsys.readouterr().err
+
+
+def prompt_only_data(tmp_path):
+    rows = [json.loads(line) for line in (DATA / "domain_train.jsonl").read_text().splitlines()[:24]]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
+    return str(path)
+
+
+def test_a_prompt_only_dataset_trains_fully_on_policy(tmp_path, monkeypatch):
+    """lmbda 1 samples every completion, so prompts alone are enough: every batch is the student's
+    samples, graded on the sampled tokens."""
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "out"
+    code = cli.main(["train", "recipes/tiny_cpu_on_policy.yaml", "--dataset", prompt_only_data(tmp_path),
+                     "--max_steps", "2", "--logging_steps", "1", "--max_eval_samples", "4", "--output_dir", str(out)])  # fmt: skip
+    assert code == 0
+    logs = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    assert len(logs) == 2 and all(h["on_policy_share"] == 1.0 and h["sampled_length"] >= 1 for h in logs)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [(["--lmbda", "0.5"], "only fully on-policy training (lmbda: 1) can use prompts alone"),
+     (["--eval_dataset", "PROMPTS"], "Held-out data always needs completions")],
+    ids=["mixed-lmbda", "prompt-only-eval"],
+)  # fmt: skip
+def test_a_prompt_only_dataset_is_refused_where_completions_are_needed(
+    tmp_path, capsys, monkeypatch, override, message
+):
+    import distill.adapters
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(distill.adapters, "load_student", lambda *a, **k: pytest.fail("a model was loaded"))
+    prompts = prompt_only_data(tmp_path)
+    override = [prompts if value == "PROMPTS" else value for value in override]
+    code = cli.main(["train", "recipes/tiny_cpu_on_policy.yaml", "--dataset", prompts,
+                     "--output_dir", str(tmp_path / "out"), *override])  # fmt: skip
+    assert code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -32,6 +32,12 @@ NOT_RUN = {
     "accelerate launch --config_file recipes/accelerate/multi_gpu.yaml": "needs 8 GPUs and hub models",
     "accelerate launch --config_file recipes/accelerate/fsdp.yaml": "needs 8 or 16 GPUs and hub models",
     "torchrun": "several processes (tests/test_launch.py runs the tiny recipe under torchrun DDP)",
+    "CUDA_VISIBLE_DEVICES=": "GPUs and a hub model",
+    "vllm serve": "vLLM on GPUs and a hub model",
+    "VLLM_SERVER_DEV_MODE=1": "vLLM on GPUs and a hub model (tests/test_vllm_sampling.py runs its CPU build)",
+    "python scripts/serve_vllm_cpu.py": "a server that runs until stopped; tests/test_teacher_server.py starts one",
+    "distill train recipes/tiny_cpu.yaml --teacher_server": "needs that server: tests/test_teacher_server.py "
+    "trains from it",
 }
 
 

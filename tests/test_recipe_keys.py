@@ -44,6 +44,10 @@ EXAMPLES = {
     "batch_size": (0, 1),
     "max_prompts": (0, 1),
     "top_p": (0, 1.0),
+    "teacher_server_timeout": (0, 0.5),
+    "teacher_server_batch_size": (0, 1),
+    "teacher_server_retries": (-1, 0),
+    "vllm_sync_steps": (0, 1),
 }
 CASES = [
     (job, key)

@@ -209,6 +209,24 @@ def test_training_from_the_cache_bills_the_teacher_its_share_of_the_cache_build(
     assert done_here == pytest.approx(report["flops"]["student"])
 
 
+@pytest.mark.parametrize("restore", [False, True], ids=["kept-callback", "restored-callback"])
+def test_a_resumed_run_from_the_cache_still_bills_the_cache(tmp_path, built, restore):
+    """With restore_callback_states_from_checkpoint the Trainer rebuilds the cost callback from its
+    checkpointed state: the teacher's source is part of it, so the resumed run bills the same share of
+    the build as the uninterrupted one (it used to forget the cache and bill no teacher)."""
+    common = dict(teacher_cache=built[2], teacher_model_name_or_path=None, per_device_train_batch_size=4,
+                  save_steps=2, disable_tqdm=True, restore_callback_states_from_checkpoint=restore)  # fmt: skip
+    for name in ("whole", "resumed"):
+        (tmp_path / name).mkdir()
+    train.run(recipe(tmp_path / "whole", max_steps=4, **common))
+    whole = json.loads((tmp_path / "whole" / "out" / "cost_report.json").read_text())
+    train.run(recipe(tmp_path / "resumed", max_steps=4, **common,
+                     resume_from_checkpoint=str(tmp_path / "whole" / "out" / "checkpoint-2")))  # fmt: skip
+    resumed = json.loads((tmp_path / "resumed" / "out" / "cost_report.json").read_text())
+    assert resumed["teacher_source"] == "cache"
+    assert resumed["flops"]["teacher"] == whole["flops"]["teacher"] > 0
+
+
 def test_training_from_the_cache_at_alpha_0_bills_no_teacher(tmp_path, built):
     """alpha 0 is supervised training: the cached targets are read only at evaluation, so the run is
     billed no share of the cache build."""

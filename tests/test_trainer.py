@@ -68,7 +68,7 @@ def trained(tmp_path_factory, corpus, tokenizer):
     trainer = make_trainer(args, corpus, tokenizer)
     before = {
         "student": {k: v.clone() for k, v in trainer.model.state_dict().items()},
-        "teacher": {k: v.clone() for k, v in trainer.teacher.state_dict().items()},
+        "teacher": {k: v.clone() for k, v in trainer.teacher.model.state_dict().items()},
         "args": args.to_dict(),
     }
     trainer.train()
@@ -79,11 +79,11 @@ def test_student_parameters_change_and_teacher_parameters_do_not(trained):
     trainer, before, _ = trained
     after_student = trainer.model.state_dict()
     assert any(not torch.equal(before["student"][k], after_student[k]) for k in after_student)
-    for name, value in trainer.teacher.state_dict().items():
+    for name, value in trainer.teacher.model.state_dict().items():
         assert torch.equal(before["teacher"][name], value), f"teacher weight {name} changed"
-    assert not any(p.requires_grad for p in trainer.teacher.parameters())
-    assert all(p.grad is None for p in trainer.teacher.parameters())
-    assert not trainer.teacher.training
+    assert not any(p.requires_grad for p in trainer.teacher.model.parameters())
+    assert all(p.grad is None for p in trainer.teacher.model.parameters())
+    assert not trainer.teacher.model.training
 
 
 def test_logs_hold_kd_and_ce_loss_and_the_loss_decreases(trained):
@@ -233,7 +233,7 @@ class PoisonTeacherAfter(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             with torch.no_grad():
-                self.trainer.teacher.model.norm.weight[0] = float("nan")
+                self.trainer.teacher.model.model.norm.weight[0] = float("nan")
 
 
 def test_checkpoints_written_before_a_non_finite_step_stay_and_are_finite(tmp_path, corpus, tokenizer):

