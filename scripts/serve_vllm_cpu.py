@@ -46,17 +46,19 @@ def start(
     log: Path | None = None,
     wait: float = 300,
     dev_mode: bool = False,
+    extra_args: list[str] | tuple[str, ...] = (),
 ):
     """Start vLLM's OpenAI-compatible server on 127.0.0.1 and wait until it lists its model.
     ``dev_mode``: with vLLM's development endpoints, through which `use_vllm` pushes a student's
-    weights. Returns (process, url); ``stop(process)`` ends it and its engine process."""
+    weights. ``extra_args``: more arguments for vLLM's server (e.g. ``["--skip-tokenizer-init"]`` for a
+    model folder without a tokenizer). Returns (process, url); ``stop(process)`` ends it and its engine process."""
     python, port = install(), port or free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
            "DO_NOT_TRACK": "1", "VLLM_CPU_KVCACHE_SPACE": "1", **({"VLLM_SERVER_DEV_MODE": "1"} if dev_mode else {})}  # fmt: skip
     command = [
         str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
         "--port", str(port), "--max-logprobs", str(max_logprobs), "--dtype", "float32", "--max-model-len", "512",
-        "--enforce-eager",
+        "--enforce-eager", *extra_args,
     ]  # fmt: skip
     out = open(log, "w") if log else None  # noqa: SIM115 - the server outlives this call
     # Its own session: stop() ends the API server and the engine process it forks, together.
@@ -64,7 +66,9 @@ def start(
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + wait
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"vLLM exited with code {process.returncode} before serving" + (f"; see {log}" if log else ""))
+            raise RuntimeError(
+                f"vLLM exited with code {process.returncode} before serving" + (f"; see {log}" if log else "")
+            )
         try:
             with urllib.request.urlopen(url + "/v1/models", timeout=2) as answer:
                 if json.loads(answer.read())["data"]:

@@ -1,5 +1,6 @@
 """Paths every test shares. The models are the repo's own tiny CPU pair (scripts/build_tiny_models.py)."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,10 @@ STUDENT = str(TINY / "student")
 DATA = TINY / "data"
 
 sys.path.insert(0, str(Path(__file__).parent))  # lets tests import these names: `from conftest import ...`
+# The suite runs on two workers (pyproject's addopts) on CI's two cores: each worker, and every process
+# a test starts (the README's commands, torchrun, vLLM), gets one thread. Two threads each would put
+# four on two cores, and torch's spinning threads then slow the whole suite down by half.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

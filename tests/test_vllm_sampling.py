@@ -111,7 +111,9 @@ def test_on_policy_training_samples_on_the_server_with_the_students_latest_weigh
 
 
 def test_a_server_with_another_model_than_the_student_is_refused(server, tmp_path):
-    with pytest.raises(UserError, match="serves .*, not tiny_models/student: the recipe's student; start the student there"):
+    with pytest.raises(
+        UserError, match="serves .*, not tiny_models/student: the recipe's student; start the student there"
+    ):
         train.run(str(ROOT / "recipes" / "tiny_cpu_on_policy.yaml"),
                   ["--use_vllm", "true", "--vllm_server", server, "--teacher_model_name_or_path", TEACHER,
                    "--output_dir", str(tmp_path / "out")])  # fmt: skip
