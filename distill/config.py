@@ -424,8 +424,8 @@ class DistillConfig(RunArguments, TrainingArguments):
         default=1,
         metadata={
             "help": "use_vllm: push the student's weights to the server every this many optimizer steps (1: the "
-            "samples always come from the current student; a resumed run samples what an uninterrupted one does "
-            "only at 1)."
+            "samples always come from the current student). vLLM batches concurrent requests as they come, so its "
+            "samples are not bitwise reproducible, and neither is a resumed run's sampling."
         },
     )
     vllm_weights_dir: str | None = field(
