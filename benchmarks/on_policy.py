@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.step_overhead import llama  # noqa: E402
-from benchmarks.teacher_server import group_cpu_seconds, installed, other_vllm, serving  # noqa: E402
+from benchmarks.teacher_server import group_cpu_seconds, installed, other_vllm, serving, start_server  # noqa: E402
 from distill.config import DistillConfig  # noqa: E402
 from distill.cost import model_size  # noqa: E402
 from distill.data import Collator  # noqa: E402
@@ -207,17 +207,8 @@ def bench(name, teacher, folder, tokenizer, rows, max_new_tokens, steps, server:
 def bench_vllm(name, teacher, folder, tokenizer, rows, max_new_tokens, extra_args, steps):
     """The vLLM row of a setup: a server for the student in ``folder``, started, measured, stopped."""
     log = folder.parent / f"{folder.name}-vllm.log"
-    started = time.perf_counter()
+    process, url, startup, idle = start_server(str(folder), log, max_logprobs=8, dev_mode=True, extra_args=extra_args)
     try:
-        process, url = serving.start(str(folder), max_logprobs=8, log=log, dev_mode=True, extra_args=extra_args)
-    except Exception:
-        print(log.read_text()[-3000:] if log.exists() else "(no vLLM log)", file=sys.stderr)
-        raise
-    try:
-        startup = time.perf_counter() - started
-        cpu0 = group_cpu_seconds(process.pid)
-        time.sleep(3)
-        idle = (group_cpu_seconds(process.pid) - cpu0) / 3  # cores the idle server keeps busy
         server = StudentServer(url, size=model_size(str(folder)))
         server.check(str(folder))
         row = bench(

@@ -91,6 +91,21 @@ def other_vllm(own_pgid: int | None = None) -> list[int]:
     return pids
 
 
+def start_server(model: str, log: Path, **kw):
+    """(process, url, startup seconds, cores the idle server keeps busy): ``serving.start`` with its log
+    printed if it fails, then 3 s of idle CPU measured. The caller stops it (``serving.stop``)."""
+    started = time.perf_counter()
+    try:
+        process, url = serving.start(model, log=log, **kw)
+    except Exception:
+        print(log.read_text()[-3000:] if log.exists() else "(no vLLM log)", file=sys.stderr)
+        raise
+    startup = time.perf_counter() - started
+    cpu0 = group_cpu_seconds(process.pid)
+    time.sleep(3)
+    return process, url, startup, (group_cpu_seconds(process.pid) - cpu0) / 3
+
+
 def installed(venv: Path, name: str) -> str:
     """The version of ``name`` in another virtual environment, read off its dist-info folder."""
     found = sorted(Path(venv).glob(f"lib/python*/site-packages/{name}-*.dist-info"))
@@ -214,17 +229,8 @@ def main():
     others |= set(other_vllm())
 
     log = Path(tempfile.mkdtemp(prefix="vllm-bench-")) / "server.log"
-    started = time.perf_counter()
+    process, url, startup, idle_share = start_server(TEACHER, log, max_logprobs=128)
     try:
-        process, url = serving.start(TEACHER, max_logprobs=128, log=log)
-    except Exception:
-        print(log.read_text()[-3000:] if log.exists() else "(no vLLM log)", file=sys.stderr)
-        raise
-    try:
-        startup = time.perf_counter() - started
-        cpu0 = group_cpu_seconds(process.pid)
-        time.sleep(3)
-        idle_share = (group_cpu_seconds(process.pid) - cpu0) / 3  # cores the idle server keeps busy
         server = TeacherServer(url, batch_size=args.server_batch_size)
         server.check(TEACHER, tokenizer, K, VOCAB, TEACHER_VOCAB, MAX_LENGTH)
 

@@ -98,8 +98,6 @@ class ServedTeacher:
         scored = request.result() if request is not None else self.server.score(inputs)
         waited = time.perf_counter() - waited
         if cost:
-            # The convention of the measured FLOPs: attention over the whole prompt, at every position.
-            flops = sum(n * self.size.forward_flops_per_token(n) for n in scored.lengths)
-            cost.teacher_served(round(flops), sum(scored.lengths), scored.seconds, waited)
+            cost.teacher_served(scored.flops(self.size), sum(scored.lengths), scored.seconds, waited)
         device = inputs["labels"].device
         return TopKTargets(*(t.to(device) for t in scored.targets))

@@ -345,7 +345,7 @@ def served_targets(server: TeacherServer, size, batches: list[dict]):
         scored = request.result()
         target = batch["labels"][:, 1:].ne(IGNORE_INDEX)
         rows = TopKTargets(*(t[:, :-1][target] for t in scored.targets))
-        yield rows, sum(n * size.forward_flops_per_token(n) for n in scored.lengths)
+        yield rows, scored.flops(size)
 
 
 def write_split(directory: Path, data, teacher, collator, *, k, temperature, vocab, batch_size, per_shard, progress):
@@ -382,7 +382,7 @@ def write_split(directory: Path, data, teacher, collator, *, k, temperature, voc
             progress.update(len(batch["labels"]))
         out = {name: np.concatenate(parts) for name, parts in arrays.items()}
         out["offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        cost = {"flops": round(computed) if served else meter.flops.get("teacher", 0) - flops_before,
+        cost = {"flops": computed if served else meter.flops.get("teacher", 0) - flops_before,
                 "examples": last - first}  # fmt: skip
         _write_shard(final, out, {**cost, "seconds": time.perf_counter() - started})
 

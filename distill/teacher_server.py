@@ -66,6 +66,11 @@ class Scored(NamedTuple):
     lengths: list[int]  # tokens of each prompt sent: the positions the server ran its model on
     seconds: float  # wall time of the requests
 
+    def flops(self, size: ModelSize) -> int:
+        """What the server computed, from the teacher's size: a forward over each prompt sent, with
+        attention over the whole prompt at every position (the convention of the measured FLOPs)."""
+        return round(sum(n * size.forward_flops_per_token(n) for n in self.lengths))
+
 
 class VLLMServer:
     """HTTP to one vLLM OpenAI-compatible server: JSON requests, retried when the server is away.
