@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import Future
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -19,8 +20,9 @@ import pytest
 import torch
 
 from distill import train
+from distill.data import Collator
 from distill.errors import ServerError, UserError
-from distill.teacher_server import MIN_TAIL, TeacherServer
+from distill.teacher_server import MIN_TAIL, ServedTargetsCollator, TeacherServer
 
 from conftest import DATA, ROOT, STUDENT, TEACHER
 
@@ -174,6 +176,20 @@ def test_a_tail_with_no_mass_left_is_floored_not_impossible(stand_in):
     stand_in.complete = lambda body: (200, answer)
     scored = client(stand_in.url).score(batch([[263, 81, 81, 84], [268, 290]]))
     assert scored.targets.tail[1, 0].item() == pytest.approx(math.log(MIN_TAIL))
+
+
+def test_a_dataloader_worker_scores_its_batches_there(stand_in):
+    """With dataloader workers a batch cannot carry a Future across processes: the worker scores it
+    and the batch carries the answer, the same targets the main process would get."""
+    rows = [{"input_ids": r, "labels": r} for r in ([263, 81, 81, 84], [268, 290])]
+    server = client(stand_in.url)
+    collator = ServedTargetsCollator(Collator(0), server)
+    loader = torch.utils.data.DataLoader(rows, batch_size=2, collate_fn=collator, num_workers=1)
+    (in_worker,) = list(loader)
+    here = collator(rows)["teacher_request"].result()
+    assert not isinstance(in_worker["teacher_request"], Future)
+    for a, b in zip(in_worker["teacher_request"].result().targets, here.targets, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_the_check_says_which_max_logprobs_to_restart_with(stand_in, tokenizer):
