@@ -12,7 +12,7 @@ so drift hits both equally. Reported:
   bookkeeping    : the meter's own per-step work (two measure() blocks around no computation),
                    timed over many repetitions, as a share of the plain step: the noise-free number
   first step     : the one step per input shape that runs FlopCounterMode, relative to a plain step
-  measured / analytic FLOPs per step, teacher and student (analytic: distill.cost.training_flops)
+  measured / analytic FLOPs per step, teacher and student (analytic: distill.planner.training_flops)
 
 Prints a table and a one-line JSON.
 """
@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from distill.config import DistillConfig  # noqa: E402
-from distill.cost import model_size, training_flops  # noqa: E402
+from distill.flops import model_size  # noqa: E402
+from distill.planner import training_flops  # noqa: E402
 from distill.trainer import DistillTrainer  # noqa: E402
 
 

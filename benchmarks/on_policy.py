@@ -55,8 +55,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.step_overhead import llama  # noqa: E402
 from benchmarks.teacher_server import group_cpu_seconds, installed, other_vllm, serving, start_server  # noqa: E402
 from distill.config import DistillConfig  # noqa: E402
-from distill.cost import model_size  # noqa: E402
 from distill.data import Collator  # noqa: E402
+from distill.flops import model_size  # noqa: E402
 from distill.models import load_model, load_tokenizer  # noqa: E402
 from distill.on_policy import StudentServer  # noqa: E402
 from distill.trainer import DistillTrainer  # noqa: E402

@@ -6,7 +6,7 @@ The tiny pair (tiny_models/teacher -> tiny_models/student), packed text of tiny_
 batches of 16 x 128 tokens, top-8 targets at temperature 1. In one process:
 
   scoring  : the same --batches batches (after one warm-up batch), scored three ways:
-             in-process  distill.teacher_cache.teacher_targets (the teacher's top-k in this process)
+             in-process  distill.cache_teacher.teacher_targets (the teacher's top-k in this process)
              sequential  TeacherServer.score, one batch after the other
              pipelined   TeacherServer.submit for every batch, then collect every result
              in-process and sequential: median tokens/s over the batches; pipelined: all tokens / wall time.
@@ -45,11 +45,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from distill.config import DataArguments, DistillConfig  # noqa: E402
-from distill.cost import model_size  # noqa: E402
 from distill.data import Collator, build_datasets  # noqa: E402
+from distill.flops import model_size  # noqa: E402
 from distill.models import load_model, load_tokenizer  # noqa: E402
 from distill.teacher import ServedTeacher  # noqa: E402
-from distill.teacher_cache import teacher_targets  # noqa: E402
+from distill.cache_teacher import teacher_targets  # noqa: E402
 from distill.teacher_server import ServedTargetsCollator, TeacherServer  # noqa: E402
 from distill.trainer import DistillTrainer  # noqa: E402
 

@@ -29,9 +29,9 @@ def _no_extra(rest):
 
 def _cache_teacher(args, rest):
     check_quickly("train", args.recipe, rest)  # the training recipe, checked before torch is imported
-    from distill import teacher_cache
+    from distill import cache_teacher
 
-    print(teacher_cache.summary(*teacher_cache.build(args.recipe, rest), args.recipe, rest))
+    print(cache_teacher.summary(*cache_teacher.build(args.recipe, rest), args.recipe, rest))
 
 
 def _merge(args, rest):
@@ -49,10 +49,10 @@ def _eval(args, rest):
 
 
 def _cost(args, rest):
-    from distill import cost
+    from distill import planner
 
     _no_extra(rest)
-    print(cost.command(args))
+    print(planner.command(args))
 
 
 def _recipe_parser(sub, name: str, module: str, help: str) -> None:

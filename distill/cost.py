@@ -1,19 +1,12 @@
-"""What a run costs, in the field's units: FLOPs, PFlop/s-days, MFU, GPU-hours and dollars.
+"""What a training run costs, in the field's units: FLOPs, PFlop/s-days, MFU, GPU-hours and dollars.
 
 1 PFlop/s-day = 1e15 FLOP/s for 86,400 s = 8.64e19 FLOPs. GPT-3 175B's pre-training,
 6 x 174.6e9 parameters x 300e9 tokens = 3.14e23 FLOPs, is about 3,640 PFlop/s-days.
 
-Two sources of FLOPs, one convention (model FLOPs, see :mod:`distill.flops`):
-
-- *measured*, during training: :class:`CostCallback` reads a :class:`distill.flops.FlopMeter` that the
-  trainer wraps around the teacher forward and the student forward + backward;
-- *analytic*, before launch (``distill cost``): per token and forward pass,
-  ``2 N + 4 L s d`` FLOPs, where N is the parameters a token is multiplied by (the Linear weights, the
-  output layer included; embedding lookups are free), L the layers, s the sequence length and d the
-  attention width (query heads x head dim): QK^T and PV each cost 2 s d per token and layer. Training
-  the student costs 3 forwards (backward = 2 x forward), the teacher one forward: per token
-  ``6 N_s + 12 L_s s d_s`` and ``2 N_t + 4 L_t s d_t``. For a Llama-style model this equals the
-  measured count exactly (tests/test_cost.py).
+:class:`CostCallback` is the meter: it reads a :class:`distill.flops.FlopMeter` that the trainer wraps
+around the teacher forward and the student forward + backward (*measured* model FLOPs, see
+:mod:`distill.flops`), adds what was computed elsewhere (a cache build, a server) and writes the bill.
+Planning before launch is :mod:`distill.planner` (``distill cost``).
 
 MFU (model FLOPs utilisation) = achieved model FLOP/s / peak FLOP/s. Peaks are dense (no 2:4
 sparsity) bf16/fp16 tensor-core numbers from the vendors' datasheets, per device.
@@ -22,12 +15,10 @@ sparsity) bf16/fp16 tensor-core numbers from the vendors' datasheets, per device
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from transformers import TrainerCallback
@@ -106,168 +97,6 @@ def gpu_hours(flops: float, peak_tflops: float, mfu: float) -> float:
     return flops / (peak_tflops * 1e12 * mfu) / 3600
 
 
-# ---------------------------------------------------------------------------------------------------
-# Planning (`distill cost`): analytic FLOPs from parameter counts or configs.
-
-
-class ModelSize(NamedTuple):
-    name: str
-    params: float  # multiplied by every token: Linear weights, output layer included
-    layers: int = 0  # 0 when only a parameter count is known: no attention term
-    attn_width: int = 0  # query heads x head dim
-
-    def forward_flops_per_token(self, seq_len: int) -> float:
-        return 2 * self.params + 4 * self.layers * self.attn_width * seq_len
-
-
-_SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
-
-
-def parse_count(text) -> float | None:
-    """``"135M"`` -> 1.35e8, ``"174.6e9"`` -> 1.746e11, ``"2B"`` -> 2e9; None if it is not a number."""
-    if isinstance(text, (int, float)):
-        return float(text)
-    m = re.fullmatch(r"\s*([0-9][0-9_.,]*(?:e[+-]?[0-9]+)?)\s*([kmbgt]?)\s*", str(text), re.IGNORECASE)
-    if not m:
-        return None
-    try:
-        value = float(m.group(1).replace(",", "").replace("_", ""))
-    except ValueError:
-        return None
-    return value * _SUFFIX.get(m.group(2).lower(), 1.0)
-
-
-def model_size(spec) -> ModelSize:
-    """A parameter count (``"135M"``) or a model: hub id, local directory, config.json or .gguf file.
-
-    A model is built from its config on the meta device (no weights read, no memory used) and its
-    Linear weights counted, so tied embeddings count once and embedding lookups not at all.
-    """
-    count = parse_count(spec)
-    if count is not None:
-        if count <= 0:
-            raise UserError(f"parameter count must be positive, got {spec!r}")
-        return ModelSize(str(spec), count)
-
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.pytorch_utils import Conv1D
-
-    from distill.models import resolve
-
-    path = Path(str(spec)).expanduser()
-    if path.is_file() and path.suffix == ".json":
-        where, gguf_file = str(path), None
-    else:
-        where, gguf_file = resolve(str(spec))
-    try:
-        config = AutoConfig.from_pretrained(where, gguf_file=gguf_file)
-    except (OSError, ValueError) as err:
-        raise UserError(
-            f"could not read a model config from {spec!r} ({type(err).__name__}: {str(err).splitlines()[0]}); "
-            "give a local model directory, a config.json, or a parameter count like 135M"
-        ) from err
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    linear = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
-    embedding = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    other = sum(p.numel() for p in model.parameters() if p.dim() > 1 and id(p) not in linear and id(p) not in embedding)
-    params = sum(linear.values())
-    if other > 0.01 * params:
-        raise UserError(
-            f"{spec!r} has {other:,} weights outside Linear layers (fused mixture-of-experts weights?), so its "
-            "FLOPs per token cannot be read off the config; give the active parameter count as a number"
-        )
-    text = config.get_text_config()
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return ModelSize(str(spec), float(params), text.num_hidden_layers, heads * head_dim)
-
-
-def training_flops(student: ModelSize, tokens: float, seq_len: int, teacher: ModelSize | None = None) -> dict:
-    """Analytic FLOPs of distilling on ``tokens`` tokens: 3 student forwards + 1 teacher forward per token."""
-    out = {
-        "student": 3 * student.forward_flops_per_token(seq_len) * tokens,
-        "student_attention": 12 * student.layers * student.attn_width * seq_len * tokens,
-        "teacher": teacher.forward_flops_per_token(seq_len) * tokens if teacher else 0.0,
-        "teacher_attention": 4 * teacher.layers * teacher.attn_width * seq_len * tokens if teacher else 0.0,
-    }
-    out["total"] = out["student"] + out["teacher"]
-    return out
-
-
-def plan(
-    student: ModelSize,
-    tokens: float,
-    teacher: ModelSize | None = None,
-    seq_len: int = 2048,
-    accelerator: str = "H100",
-    peak_tflops: float | None = None,
-    mfu: float = 0.4,
-    price: float | None = None,
-    server_pflops: float = 5.0,
-    days: tuple[float, ...] = (3, 5, 10),
-) -> dict:
-    """Everything ``distill cost`` prints, as a JSON-ready dict.
-
-    GPU-hours assume ``mfu`` of the accelerator's dense peak. Servers are counted at the PFlop/s they
-    *sustain* (utilisation already included), rounded up: 3,640 PFlop/s-days on 5 PFlop/s servers
-    take 243 servers for 3 days. Inference assumes the same accelerator, MFU and price, with each
-    generated token attending to ``seq_len`` positions; so the break-even token count,
-    training FLOPs / (teacher - student FLOPs per token), does not depend on MFU or price.
-    """
-    if tokens <= 0:
-        raise UserError(f"tokens must be positive, got {tokens}")
-    if seq_len < 1:
-        raise UserError(f"seq_len must be at least 1, got {seq_len}")
-    if not 0 < mfu <= 1:
-        raise UserError(f"mfu is a fraction of the peak in (0, 1], got {mfu}")
-    if server_pflops <= 0 or any(d <= 0 for d in days):
-        raise UserError("server PFlop/s and days must be positive")
-    if peak_tflops is None:
-        accelerator, peak_tflops = peak_for(accelerator)
-    elif peak_tflops <= 0:
-        raise UserError(f"peak_tflops must be positive, got {peak_tflops}")
-
-    flops = training_flops(student, tokens, seq_len, teacher)
-    hours = gpu_hours(flops["total"], peak_tflops, mfu)
-    pfd = pflops_days(flops["total"])
-
-    def dollars(h):
-        return None if price is None else h * price
-
-    def per_1k(model: ModelSize) -> dict:
-        f = 1000 * model.forward_flops_per_token(seq_len)
-        return {"flops": f, "usd": dollars(gpu_hours(f, peak_tflops, mfu))}
-
-    inference = {"student": per_1k(student)}
-    breakeven = None
-    if teacher is not None:
-        inference["teacher"] = per_1k(teacher)
-        saved = inference["teacher"]["flops"] - inference["student"]["flops"]
-        breakeven = 1000 * flops["total"] / saved if saved > 0 else None
-    inference["breakeven_tokens"] = breakeven
-
-    return {
-        "student": student._asdict(),
-        "teacher": teacher._asdict() if teacher else None,
-        "tokens": tokens,
-        "seq_len": seq_len,
-        "flops": flops,
-        "pflops_days": {k: pflops_days(flops[k]) for k in ("student", "teacher", "total")},
-        "accelerator": accelerator,
-        "peak_tflops": peak_tflops,
-        "mfu": mfu,
-        "gpu_hours": hours,
-        "gpu_days": hours / 24,
-        "price_per_gpu_hour": price,
-        "cost_usd": dollars(hours),
-        "servers": [
-            {"pflops": server_pflops, "days": d, "servers": math.ceil(pfd / (server_pflops * d))} for d in days
-        ],
-        "inference": inference,
-    }
-
-
 def _num(x: float | None) -> str:
     """3.1428e+23 -> '3.143e23'; numbers below a million written out."""
     if x is None:
@@ -280,60 +109,6 @@ def _num(x: float | None) -> str:
 
 def _usd(x: float | None) -> str:
     return "-" if x is None else f"${x:,.2f}" if x >= 0.01 else f"${x:.2e}"
-
-
-def render_plan(p: dict) -> str:
-    def model_line(role: str, m: dict) -> str:
-        if not m["layers"]:
-            return f"  {role:<8} {_num(m['params'])} parameters (a bare count: no attention term)"
-        return (
-            f"  {role:<8} {m['name']}: {_num(m['params'])} parameters per token, "
-            f"{m['layers']} layers x attention width {m['attn_width']}"
-        )
-
-    f, pfd = p["flops"], p["pflops_days"]
-    lines = ["distill cost: plan", model_line("student", p["student"])]
-    if p["teacher"]:
-        lines.append(model_line("teacher", p["teacher"]))
-    lines += [
-        f"  tokens   {_num(p['tokens'])} at sequence length {p['seq_len']}",
-        "",
-        f"  {'training compute':<44}{'FLOPs':>12}{'PFlop/s-day':>14}",
-        f"  {'student  3 x (2N + 4Lsd) per token':<44}{_num(f['student']):>12}{pfd['student']:>14.4g}",
-    ]
-    if p["teacher"]:
-        lines.append(f"  {'teacher  1 x (2N + 4Lsd) per token':<44}{_num(f['teacher']):>12}{pfd['teacher']:>14.4g}")
-    attention = f["student_attention"] + f["teacher_attention"]
-    lines += [
-        f"  {'total':<44}{_num(f['total']):>12}{pfd['total']:>14.4g}",
-        f"  {'  of which attention (the 4Lsd terms)':<44}{_num(attention):>12}{pflops_days(attention):>14.4g}",
-        "",
-        f"  on {p['accelerator']} ({p['peak_tflops']:g} TFLOP/s dense bf16) at {p['mfu']:.0%} MFU: "
-        f"{_num(p['gpu_hours'])} GPU-hours = {_num(p['gpu_days'])} GPU-days"
-        + (f", {_usd(p['cost_usd'])} at ${p['price_per_gpu_hour']:g}/GPU-hour" if p["cost_usd"] is not None else ""),
-        "  servers sustaining {:g} PFlop/s: ".format(p["servers"][0]["pflops"])
-        + ", ".join(f"{s['servers']:,} for {s['days']:g} days" for s in p["servers"]),
-        "",
-        f"  {'inference, per 1K generated tokens':<44}{'FLOPs':>12}{'$':>14}",
-    ]
-    inf = p["inference"]
-    for role in ("teacher", "student"):
-        if role in inf:
-            lines.append(f"  {role:<44}{_num(inf[role]['flops']):>12}{_usd(inf[role]['usd']):>14}")
-    if p["teacher"]:
-        be = inf["breakeven_tokens"]
-        lines.append(
-            f"  distillation pays for itself after {_num(be)} tokens served by the student instead of the teacher"
-            if be
-            else "  the student is not cheaper per token than the teacher: distillation never pays for itself"
-        )
-    if p["cost_usd"] is None:
-        lines.append("  (give --price $/GPU-hour for dollar figures)")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Measuring during training.
 
 
 class CostCallback(TrainerCallback, ExportableState):
@@ -410,15 +185,38 @@ class CostCallback(TrainerCallback, ExportableState):
     def teacher_forward(self, inputs: dict):
         return self.meter.measure("teacher", inputs)
 
-    def student_generation(self, prompts: torch.Tensor, steps: int, generate) -> None:
-        """The student's sampling (on-policy): ``steps`` decoding steps from ``prompts`` (batch x
-        width). Its FLOPs depend on both, known only once it has run; the first time a pair is seen,
-        ``generate`` (the same sampling, same seed) runs again under the counter."""
-        inputs = {"prompt_ids": prompts}
-        known = self.meter.knows("generation", inputs, steps)
-        with self.meter.measure("generation", inputs, steps):
-            if not known:
-                generate()
+    @contextmanager
+    def sampling(self, model: torch.nn.Module):
+        """The student's on-policy sampling (``generate`` on ``model``), measured forward by forward:
+        each forward's shapes (rows, new positions, context) are counted the first time they are seen
+        and reused after, like every other block. Nothing runs twice, and under FSDP2 / ZeRO-3 each
+        process counts its own forwards (the ones ``synced_gpus`` keeps a finished process running
+        too), so no process waits on a collective that another does not make."""
+        # generate calls the causal LM itself; behind a PEFT wrapper that is the base model.
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        open_blocks = []
+
+        def before(module, args, kwargs):
+            shapes = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+            # A decoding step's attention spans the cached positions, which no input's shape shows (the
+            # cache's keyword is `cache` or `past_key_values`, depending on the transformers release).
+            caches = [v for v in kwargs.values() if hasattr(v, "get_seq_length")]
+            cached = caches[0].get_seq_length() if caches else None
+            block = self.meter.measure("generation", shapes, "sampling", cached)
+            block.__enter__()
+            open_blocks.append(block)
+
+        def after(module, args, output):
+            open_blocks.pop().__exit__(None, None, None)
+
+        handles = [base.register_forward_pre_hook(before, with_kwargs=True), base.register_forward_hook(after)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            while open_blocks:  # a forward that raised: its block counts nothing
+                open_blocks.pop().__exit__(RuntimeError, RuntimeError("forward failed"), None)
 
     def teacher_served(self, flops: int, positions: int, seconds: float, waited: float) -> None:
         """A server scored ``positions`` for a training batch: ``flops`` computed from the teacher's
@@ -669,25 +467,3 @@ def render_report(r: dict) -> str:
     if r["cost_usd"] is not None:
         lines.append(f"  {r['device_hours']:.4g} device-hours x ${r['gpu_hour_price']:g} = {_usd(r['cost_usd'])}")
     return "\n".join(lines)
-
-
-def command(args) -> str:
-    """`distill cost`: the plan for the parsed command line, as a table or JSON."""
-    tokens = parse_count(args.tokens)
-    if tokens is None:
-        raise UserError(f"--tokens {args.tokens!r} is not a number; write e.g. 2B or 300e9")
-    student = model_size(args.student)
-    teacher = model_size(args.teacher) if args.teacher else None
-    p = plan(
-        student,
-        tokens,
-        teacher,
-        seq_len=args.seq_len,
-        accelerator=args.accelerator,
-        peak_tflops=args.peak_tflops,
-        mfu=args.mfu,
-        price=args.price,
-        server_pflops=args.server_pflops,
-        days=tuple(args.days),
-    )
-    return json.dumps(p) if args.json else render_plan(p)

@@ -29,12 +29,17 @@ the target positions only) is counted once per unit and multiplied by the count 
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, bmm_flop, mm_flop, sdpa_flop_count
+
+from distill.errors import UserError
 
 aten = torch.ops.aten
 
@@ -240,3 +245,101 @@ def mark_recomputation(model: torch.nn.Module, meter: FlopMeter) -> int:
         module._gradient_checkpointing_func = marked
         wrapped += 1
     return wrapped
+
+
+# ---------------------------------------------------------------------------------------------------
+# Computed FLOPs: the same convention from a model's config, where its work cannot be measured here
+# (planning before launch, a teacher or a sampler on a vLLM server). For a Llama-style model they
+# equal the measured count exactly (tests/test_cost.py).
+
+
+class ModelSize(NamedTuple):
+    name: str
+    params: float  # multiplied by every token: Linear weights, output layer included
+    layers: int = 0  # 0 when only a parameter count is known: no attention term
+    attn_width: int = 0  # query heads x head dim
+    head: float = 0  # of params, the output layer's (0 when unknown)
+
+
+def forward_flops(size: ModelSize, tokens: float, context: float) -> float:
+    """FLOPs of a forward pass of ``tokens`` positions that each attend to ``context`` positions:
+    ``tokens x (2 N + 4 L d context)``. Every bill that computes rather than measures a model's work
+    calls this one formula: a prefill of n tokens is ``forward_flops(size, n, n)`` (attention over the
+    whole s x s matrix, the measured convention), one decoding step at context c is
+    ``forward_flops(size, 1, c)``, training is 3 forwards."""
+    return tokens * (2 * size.params + 4 * size.layers * size.attn_width * context)
+
+
+def sampling_flops(size: ModelSize, prompt: int, sampled: int) -> float:
+    """FLOPs of sampling ``sampled`` tokens after a ``prompt``: its prefill, whose output layer runs on
+    the last position only (the one that yields the first sample), then one decoding forward for each
+    further token, over its context. What ``generate`` and a vLLM server compute."""
+    if sampled == 0:
+        return 0.0
+    prefill = forward_flops(size, prompt, prompt) - 2 * size.head * (prompt - 1)
+    return prefill + sum(forward_flops(size, 1, prompt + t) for t in range(1, sampled))
+
+
+_SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def parse_count(text) -> float | None:
+    """``"135M"`` -> 1.35e8, ``"174.6e9"`` -> 1.746e11, ``"2B"`` -> 2e9; None if it is not a number."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    m = re.fullmatch(r"\s*([0-9][0-9_.,]*(?:e[+-]?[0-9]+)?)\s*([kmbgt]?)\s*", str(text), re.IGNORECASE)
+    if not m:
+        return None
+    try:
+        value = float(m.group(1).replace(",", "").replace("_", ""))
+    except ValueError:
+        return None
+    return value * _SUFFIX.get(m.group(2).lower(), 1.0)
+
+
+def model_size(spec) -> ModelSize:
+    """A parameter count (``"135M"``) or a model: hub id, local directory, config.json or .gguf file.
+
+    A model is built from its config on the meta device (no weights read, no memory used) and its
+    Linear weights counted, so tied embeddings count once and embedding lookups not at all.
+    """
+    count = parse_count(spec)
+    if count is not None:
+        if count <= 0:
+            raise UserError(f"parameter count must be positive, got {spec!r}")
+        return ModelSize(str(spec), count)
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    from distill.models import resolve
+
+    path = Path(str(spec)).expanduser()
+    if path.is_file() and path.suffix == ".json":
+        where, gguf_file = str(path), None
+    else:
+        where, gguf_file = resolve(str(spec))
+    try:
+        config = AutoConfig.from_pretrained(where, gguf_file=gguf_file)
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"could not read a model config from {spec!r} ({type(err).__name__}: {str(err).splitlines()[0]}); "
+            "give a local model directory, a config.json, or a parameter count like 135M"
+        ) from err
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    linear = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+    embedding = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    other = sum(p.numel() for p in model.parameters() if p.dim() > 1 and id(p) not in linear and id(p) not in embedding)
+    params = sum(linear.values())
+    if other > 0.01 * params:
+        raise UserError(
+            f"{spec!r} has {other:,} weights outside Linear layers (fused mixture-of-experts weights?), so its "
+            "FLOPs per token cannot be read off the config; give the active parameter count as a number"
+        )
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    head = model.get_output_embeddings()
+    head = linear.get(id(head.weight), 0) if head is not None else 0
+    return ModelSize(str(spec), float(params), text.num_hidden_layers, heads * head_dim, float(head))

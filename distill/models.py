@@ -36,9 +36,10 @@ def resolve(name_or_path: str) -> tuple[str, str | None]:
     return name_or_path, None
 
 
-def check_max_length(name_or_path: str, max_length: int, role: str) -> None:
+def check_max_length(name_or_path: str, max_length: int, role: str, max_new_tokens: int = 0) -> None:
     """Refuse examples longer than the model has positions for: learned position embeddings fail with an
-    index error mid-run, rotary ones silently run past what the model was trained on. Only a local
+    index error mid-run, rotary ones silently run past what the model was trained on. With
+    ``max_new_tokens`` (on-policy sampling), a prompt of max_length plus its sample must fit. Only a local
     model directory is read (its config.json, no weights); a hub id or GGUF file is not checked here."""
     where, gguf_file = resolve(name_or_path)
     if gguf_file or not Path(where).is_dir():
@@ -47,7 +48,13 @@ def check_max_length(name_or_path: str, max_length: int, role: str) -> None:
         limit = getattr(AutoConfig.from_pretrained(where), "max_position_embeddings", None)
     except (OSError, ValueError, KeyError):  # a config transformers cannot read fails, clearly, when the model loads
         return
-    if isinstance(limit, int) and max_length > limit:
+    if isinstance(limit, int) and max_length + max_new_tokens > limit:
+        if max_new_tokens:
+            raise UserError(
+                f"max_length {max_length} + max_new_tokens {max_new_tokens} (a prompt and the student's sample) is "
+                f"more than the {role} {name_or_path} has positions for (max_position_embeddings {limit}); make "
+                f"the two add up to {limit} or less"
+            )
         raise UserError(
             f"max_length {max_length} is more than the {role} {name_or_path} has positions for "
             f"(max_position_embeddings {limit}); set max_length: {limit} or less"

@@ -30,16 +30,36 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill.cost import ModelSize
 from distill.data import Collator
 from distill.errors import ServerError, UserError
+from distill.flops import ModelSize, sampling_flops
 from distill.losses import IGNORE_INDEX, distillation_loss, shift_for_causal_lm
 from distill.teacher_server import VLLMServer
 
 
-def step_seed(seed: int, step: int, micro_batch: int, purpose: int) -> int:
-    """A 63-bit seed that depends on all four numbers (numpy's SeedSequence mixes them)."""
-    return int(np.random.SeedSequence([seed, step, micro_batch, purpose]).generate_state(1, np.uint64)[0] >> 1)
+def step_seed(seed: int, step: int, micro_batch: int, purpose: int, process: int = 0) -> int:
+    """A 63-bit seed that depends on all five numbers (numpy's SeedSequence mixes them). ``process``:
+    each data-parallel process samples its own rows with its own seed, never its neighbour's."""
+    return int(np.random.SeedSequence([seed, step, micro_batch, purpose, process]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """The ids that end a sample: the tokenizer's EOS and every stop id of the model's generation
+    config (instruct models end a turn with another token: ``<|im_end|>``, ``<|eot_id|>``)."""
+    config = getattr(model, "generation_config", None)
+    found = getattr(config, "eos_token_id", None) if config is not None else None
+    found = [found] if isinstance(found, int) else list(found or [])
+    if tokenizer.eos_token_id is not None:
+        found.insert(0, tokenizer.eos_token_id)
+    return list(dict.fromkeys(found))
+
+
+def cut_at_stop(ids: list[int], stops: list[int]) -> list[int]:
+    """``ids`` up to and with the first stop id."""
+    for i, token in enumerate(ids):
+        if token in stops:
+            return ids[: i + 1]
+    return ids
 
 
 def is_on_policy(lmbda: float, seed: int, step: int, micro_batch: int) -> bool:
@@ -73,11 +93,11 @@ def prompts_of(batch: dict) -> list[list[int]]:
 
 
 @torch.no_grad()
-def sample(model, prompts: list[list[int]], *, pad_id: int, eos_id: int | None, max_new_tokens: int,
+def sample(model, prompts: list[list[int]], *, pad_id: int, eos_ids: list[int], max_new_tokens: int,
            temperature: float, top_p: float, seed: int, synced_gpus: bool = False):  # fmt: skip
     """(the student's completions of ``prompts``, decoding steps run): sampled with ``transformers``'
-    generate from left-padded prompts, each completion cut after its first EOS. The global RNG is
-    left as it was; the same seed gives the same samples."""
+    generate from left-padded prompts, each completion cut after its first stop id (``eos_ids``).
+    The global RNG is left as it was; the same seed gives the same samples."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -93,17 +113,12 @@ def sample(model, prompts: list[list[int]], *, pad_id: int, eos_id: int | None, 
             torch.manual_seed(seed)
             out = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True, temperature=temperature,
-                top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
+                top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_ids or None,
                 use_cache=True, synced_gpus=synced_gpus,
             )  # fmt: skip
     finally:
         model.train(training)
-    completions = []
-    for row in out[:, width:].tolist():
-        if eos_id is not None and eos_id in row:
-            row = row[: row.index(eos_id) + 1]
-        completions.append(row)
-    return completions, out.shape[1] - width
+    return [cut_at_stop(row, eos_ids) for row in out[:, width:].tolist()], out.shape[1] - width
 
 
 class StudentServer(VLLMServer):
@@ -144,32 +159,28 @@ class StudentServer(VLLMServer):
         )
         self._call("/reset_prefix_cache", {})
 
-    def sample(self, prompts: list[list[int]], *, eos_id: int | None, max_new_tokens: int, temperature: float,
+    def sample(self, prompts: list[list[int]], *, eos_ids: list[int], max_new_tokens: int, temperature: float,
                top_p: float, seed: int) -> tuple[list[list[int]], int, int]:  # fmt: skip
         """(completions, decoding steps, FLOPs): each prompt sampled on the server with seed ``seed + i``,
-        each completion cut after its first EOS. FLOPs are computed from the student's size: the
-        prompt's forward, then one forward per sampled token over its context."""
+        each completion cut after its first stop id. FLOPs are computed from the student's size
+        (distill.flops.sampling_flops)."""
 
         def one(i: int) -> list[int]:
             body = {"model": self.model, "prompt": [prompts[i]], "max_tokens": max_new_tokens,
                     "temperature": temperature, "top_p": top_p, "seed": seed + i, "return_token_ids": True,
                     "skip_special_tokens": False}  # fmt: skip
-            if eos_id is not None:
-                body["stop_token_ids"] = [eos_id]
+            if eos_ids:
+                body["stop_token_ids"] = list(eos_ids)
             choices = self._call("/v1/completions", body).get("choices")
             ids = choices[0].get("token_ids") if isinstance(choices, list) and len(choices) == 1 else None
             if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids) or len(ids) > max_new_tokens:
                 raise ServerError(
                     f"{self.ROLE} at {self.url} answered a completion without its token ids: {choices!r}"[:500]
                 )
-            return ids[: ids.index(eos_id) + 1] if eos_id in ids else ids
+            return cut_at_stop(ids, eos_ids)
 
         completions = list(self._pool(0).map(one, range(len(prompts))))
-        flops = sum(
-            len(p) * self.size.forward_flops_per_token(len(p))
-            + sum(self.size.forward_flops_per_token(len(p) + t) for t in range(1, len(c) + 1))
-            for p, c in zip(prompts, completions, strict=True)
-        )
+        flops = sum(sampling_flops(self.size, len(p), len(c)) for p, c in zip(prompts, completions, strict=True))
         return completions, max(map(len, completions), default=0), round(flops)
 
 
@@ -182,12 +193,12 @@ def on_policy_batch(prompts: list[list[int]], completions: list[list[int]], pad_
 
 
 @torch.no_grad()
-def sample_quality(student, teacher, prompts: list[list[int]], *, pad_id: int, eos_id: int | None,
+def sample_quality(student, teacher, prompts: list[list[int]], *, pad_id: int, eos_ids: list[int],
                    max_new_tokens: int, seed: int, temperature: float = 1.0) -> dict:  # fmt: skip
     """How good the student's own completions of ``prompts`` are in the teacher's eyes, per sampled
     token: the reverse KL KL(p_S || p_T) at T = 1 (what on-policy distillation minimises) and the
     teacher's negative log-likelihood of the sampled tokens."""
-    completions, _ = sample(student, prompts, pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens,
+    completions, _ = sample(student, prompts, pad_id=pad_id, eos_ids=eos_ids, max_new_tokens=max_new_tokens,
                             temperature=temperature, top_p=1.0, seed=seed)  # fmt: skip
     device = next(student.parameters()).device
     batch = {k: v.to(device) for k, v in on_policy_batch(prompts, completions, pad_id).items()}

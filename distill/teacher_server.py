@@ -47,8 +47,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from distill.cost import ModelSize
 from distill.errors import ServerError, UserError
+from distill.flops import ModelSize, forward_flops
 from distill.losses import IGNORE_INDEX, TopKTargets
 
 MIN_TAIL = 1e-9  # floor of the tail mass: float32 log-probabilities do not resolve less
@@ -69,7 +69,7 @@ class Scored(NamedTuple):
     def flops(self, size: ModelSize) -> int:
         """What the server computed, from the teacher's size: a forward over each prompt sent, with
         attention over the whole prompt at every position (the convention of the measured FLOPs)."""
-        return round(sum(n * size.forward_flops_per_token(n) for n in self.lengths))
+        return round(sum(forward_flops(size, n, n) for n in self.lengths))
 
 
 class VLLMServer:
@@ -344,7 +344,7 @@ def check_run(server: TeacherServer, config, data_args, model_args, tokenizer) -
     teacher's size, from its config, for the bill of what the server computes."""
     from transformers import AutoConfig
 
-    from distill.cost import model_size
+    from distill.flops import model_size
     from distill.models import resolve
 
     def head_width(name: str) -> int:

@@ -15,9 +15,9 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from distill import adapters
 from distill.config import TRAIN_ARGUMENTS
-from distill.cost import model_size
 from distill.data import Collator, build_datasets
 from distill.errors import UserError
+from distill.flops import model_size
 from distill.models import (
     check_max_length,
     check_same_tokenizer,
@@ -92,7 +92,8 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     config.check_output_dir(resuming=resume is not None)
     adapters.check(model_args, config)
     resolve(model_args.model_name_or_path)
-    check_max_length(model_args.model_name_or_path, data_args.max_length, "student")
+    sampled = config.max_new_tokens if config.lmbda > 0 else 0  # on-policy rows: a prompt + the student's sample
+    check_max_length(model_args.model_name_or_path, data_args.max_length, "student", sampled)
     if config.teacher_cache and config.teacher_server:
         raise UserError(
             "teacher_cache and teacher_server are both set, and training reads its targets from one: drop "
@@ -105,7 +106,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         server = TeacherServer.of_recipe(config)
     elif cache is None:
         resolve(config.teacher_model_name_or_path)
-        check_max_length(config.teacher_model_name_or_path, data_args.max_length, "teacher")
+        check_max_length(config.teacher_model_name_or_path, data_args.max_length, "teacher", sampled)
     else:
         note = cache.check_teacher(config.teacher_model_name_or_path, config.resolved_teacher_dtype)
         if note and config.process_index == 0:

@@ -19,22 +19,14 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from distill.chunked import (
-    chunked_distillation_loss,
-    chunked_topk_distillation_loss,
-    final_hidden_states,
-    output_weight,
-    supports_chunked_loss,
-    top1_rows,
-)
+from distill.chunked import final_hidden_states, output_weight, supports_chunked_loss, top1_rows
 from distill.config import DistillConfig
 from distill.cost import CostCallback
 from distill.errors import NonFiniteError, ServerError, UserError
-from distill.losses import IGNORE_INDEX, TopKTargets, distillation_loss, top1_agreement, topk_distillation_loss
-from distill.on_policy import StudentServer, is_on_policy, on_policy_batch, prompts_of, sample, step_seed
-from distill.placement import describe, parameter_bytes, place_teacher, sharding
-from distill.teacher import CachedTeacher, ModelTeacher, ServedTeacher, TeacherLogits
-from distill.teacher_cache import TeacherCache
+from distill.losses import IGNORE_INDEX, top1_agreement
+from distill.on_policy import StudentServer, is_on_policy, on_policy_batch, prompts_of, sample, step_seed, stop_ids
+from distill.placement import sharding
+from distill.teacher import as_source, no_teacher
 
 
 class MeteredTrainer(Trainer):
@@ -89,8 +81,8 @@ class DistillTrainer(MeteredTrainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, model, teacher, args: DistillConfig, student_server: StudentServer | None = None, **kwargs):
-        """``teacher``: the teacher model, or a source of its targets (distill.teacher): a
-        ``ServedTeacher``, a ``CachedTeacher``, or None for the cache ``args.teacher_cache`` names.
+        """``teacher``: the teacher model, or a source of its targets (distill.teacher), or None for
+        the cache ``args.teacher_cache`` names.
         ``student_server``: with ``args.use_vllm``, the vLLM server that samples the student's completions."""
         # Trainer and accelerate set private fields on the args they get; the user's object stays theirs.
         super().__init__(model=model, args=copy.deepcopy(args), **kwargs)
@@ -99,18 +91,8 @@ class DistillTrainer(MeteredTrainer):
         # shifts labels like a causal LM, so count labels[:, 1:].
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
-        if teacher is None:
-            if not self.args.teacher_cache:
-                raise ValueError("DistillTrainer needs a teacher model, a source of its targets, or args.teacher_cache")
-            teacher = CachedTeacher(TeacherCache(self.args.teacher_cache))
-        if isinstance(teacher, torch.nn.Module):
-            teacher = ModelTeacher(self._prepare_teacher(teacher))
-        self.teacher = teacher
-        # At alpha 0 training reads no targets (only evaluation does): the build is not this run's bill.
-        if isinstance(teacher, CachedTeacher) and self.cost and self.args.alpha > 0:
-            self.cost.teacher_cache = teacher.cache.manifest["teacher_cost"]["train"]
-        if isinstance(teacher, ServedTeacher) and self.cost:
-            self.cost.teacher_server = teacher.server.url
+        self.teacher = teacher = as_source(teacher, self.args.teacher_cache)
+        teacher.attach(self)
         # The chunked loss reads the output layers' weights whole, outside their forward; the
         # sharding engines only gather them inside it.
         self._chunked = (
@@ -140,15 +122,6 @@ class DistillTrainer(MeteredTrainer):
         self.student_server = student_server
         self._pushed_step = None  # the optimizer step whose weights the server holds
 
-    def _prepare_teacher(self, teacher: torch.nn.Module) -> torch.nn.Module:
-        teacher = place_teacher(teacher, self.model, self.accelerator)
-        held, full = parameter_bytes(teacher)
-        # Shards can differ by a little; the process holding the most is the one that may not fit.
-        held = int(self.accelerator.gather(torch.tensor([held], device=self.args.device)).max())
-        if self.is_world_process_zero():
-            print(describe(teacher, self.accelerator, held, full), flush=True)
-        return teacher
-
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The step's micro-batches, a fraction ``lmbda`` of them with completions the student samples
         (distill.on_policy). The Trainer counts the step's target tokens here, for the loss's
@@ -157,12 +130,15 @@ class DistillTrainer(MeteredTrainer):
         if self.args.lmbda == 0:
             return batches, num_items
         seed = self.args.seed if self.args.generation_seed is None else self.args.generation_seed
-        step = self.state.global_step
+        step, process = self.state.global_step, self.accelerator.process_index
         for i, batch in enumerate(batches):
             self._policy_sums[1] += 1
+            # Which micro-batches are on-policy is the same on every process (sharded sampling runs in
+            # step); what each process samples is its own.
             if is_on_policy(self.args.lmbda, seed, step, i):
                 self._policy_sums[0] += 1
-                batches[i] = {**self._sample(batch, step_seed(seed, step, i, 1)), "on_policy": torch.tensor(True)}
+                sampled = self._sample(batch, step_seed(seed, step, i, 1, process))
+                batches[i] = {**sampled, "on_policy": torch.tensor(True)}
         return batches, self._get_num_items_in_batch(batches, device)
 
     def _sample(self, batch: dict, seed: int) -> dict:
@@ -171,7 +147,7 @@ class DistillTrainer(MeteredTrainer):
         tokenizer = self.processing_class
         student = self.accelerator.unwrap_model(self.model)
         kw = {
-            "pad_id": tokenizer.pad_token_id, "eos_id": tokenizer.eos_token_id, "seed": seed,
+            "pad_id": tokenizer.pad_token_id, "eos_ids": stop_ids(student, tokenizer), "seed": seed,
             "max_new_tokens": self.args.max_new_tokens, "temperature": self.args.generation_temperature,
             "top_p": self.args.top_p,
             # Under FSDP2 / ZeRO-3 every process must run as many forwards as the longest sampler.
@@ -180,10 +156,8 @@ class DistillTrainer(MeteredTrainer):
         if self.args.use_vllm:
             completions = self._sample_on_server(student, prompts, kw)
         else:
-            completions, steps = sample(student, prompts, **kw)
-            if self.cost:
-                width = torch.empty(len(prompts), max(map(len, prompts)))
-                self.cost.student_generation(width, steps, lambda: sample(student, prompts, **kw))
+            with self.cost.sampling(student) if self.cost else contextlib.nullcontext():
+                completions, _ = sample(student, prompts, **kw)
         return on_policy_batch(prompts, completions, tokenizer.pad_token_id)
 
     def _sample_on_server(self, student, prompts: list[list[int]], kw: dict) -> list[list[int]]:
@@ -197,7 +171,7 @@ class DistillTrainer(MeteredTrainer):
                 self.accelerator.wait_for_everyone()
                 self._pushed_step = step
             completions, _, flops = server.sample(
-                prompts, eos_id=kw["eos_id"], max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"],
+                prompts, eos_ids=kw["eos_ids"], max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"],
                 top_p=kw["top_p"], seed=kw["seed"] % (1 << 31),
             )  # fmt: skip
         except ServerError as err:
@@ -222,7 +196,7 @@ class DistillTrainer(MeteredTrainer):
             inputs = {**inputs, "labels": self._without_padded_rows(inputs["labels"])}
         out, outputs, agreement, student, targets = self._distill(model, inputs, num_items_in_batch)
         if not bool(torch.isfinite(out.loss)):
-            raise self._non_finite(out.loss, {"teacher": _tensors(targets), "student": [student[0]]}, model.training)
+            raise self._non_finite(out.loss, {"teacher": targets.tensors(), "student": [student[0]]}, model.training)
         if "on_policy" in inputs:
             denom = num_items_in_batch if num_items_in_batch is not None else out.num_tokens
             reverse_kl = self._sampled_reverse_kl(student, targets, inputs["labels"], out, denom)
@@ -270,16 +244,9 @@ class DistillTrainer(MeteredTrainer):
             outputs = model(**model_inputs)
             student = (outputs.logits,)
         if not evaluating and self.args.alpha == 0.0:
-            # Plain supervised training: the teacher neither runs nor is billed in training, and a
-            # stand-in makes the KD term exactly 0 (not logged): the student's own distribution, or in
-            # the chunked loss top-k targets with k = 0 (the whole vocabulary one bucket, on which no
-            # two distributions differ). Evaluation still asks the teacher, for agreement and the KL.
-            none = labels.new_zeros(*labels.shape, 0)
-            targets = (
-                TopKTargets(none.float(), none, torch.zeros(labels.shape, device=labels.device))
-                if self._chunked
-                else TeacherLogits(outputs.logits.detach())
-            )
+            # Plain supervised training: the teacher neither runs nor is billed in training, and the KD
+            # term is exactly 0 (not logged). Evaluation still asks the teacher, for agreement and the KL.
+            targets = no_teacher(labels, None if self._chunked else outputs.logits, self._width(student))
         else:
             try:
                 targets = self.teacher.targets(inputs, self._chunked, None if evaluating else self.cost)
@@ -290,50 +257,30 @@ class DistillTrainer(MeteredTrainer):
         return out, outputs, agreement, student, targets
 
     def _loss(self, student: tuple, targets, labels, kw: dict, bill: bool, tag: str = ""):
-        """The KD loss of the student's side on the teacher's targets: full distribution or top-k, each
-        through the reference losses (logits) or the chunked ones (hidden states)."""
-        topk = isinstance(targets, TopKTargets)
+        """The KD loss of the student's side, (logits,) or with the chunked loss (hidden, weight), on
+        the teacher's targets (distill.teacher), billing the chunked loss's output layers."""
+        vocab = targets.vocab(self._width(student))
         if not self._chunked:
-            (logits,) = student
-            if topk:
-                return topk_distillation_loss(logits, targets, labels, vocab_size=self._vocab(student, targets), **kw)
-            return distillation_loss(logits, targets.logits, labels, **kw)
+            return targets.on_logits(student[0], labels, vocab, kw)
         hidden, weight = student
-        vocab = self._vocab(student, targets)
-        if topk:
-            key, teacher_per_row = (tag, "top-k", hidden.shape[-1], vocab, targets.ids.shape[-1]), 0
-        else:
-            # The teacher's output layer runs inside the loss: one (rows x hidden_T) @ (hidden_T x vocab).
-            key, teacher_per_row = (
-                (tag, "logits", hidden.shape[-1], targets.weight.shape[1], vocab),
-                2 * targets.weight.shape[1] * vocab,
-            )
+        key, teacher_per_row = targets.output_layers(hidden.shape[-1], vocab)
         rows = int(labels[:, 1:].ne(IGNORE_INDEX).sum())
-        with self.cost.output_layers(rows, key, teacher_per_row) if self.cost and bill else contextlib.nullcontext():
-            if topk:
-                return chunked_topk_distillation_loss(
-                    hidden, weight, targets, labels, vocab_size=vocab, compute_dtype=self._compute_dtype, **kw
-                )
-            return chunked_distillation_loss(hidden, weight, *targets, labels, compute_dtype=self._compute_dtype, **kw)
+        with (
+            self.cost.output_layers(rows, (tag, *key), teacher_per_row)
+            if self.cost and bill
+            else contextlib.nullcontext()
+        ):
+            return targets.on_hidden(hidden, weight, labels, vocab, kw, self._compute_dtype)
 
-    def _vocab(self, student: tuple, targets) -> int:
-        """The shared vocabulary: what both the student's logits and the teacher's targets cover."""
-        width = student[-1].shape[0] if self._chunked else student[0].shape[-1]
-        if isinstance(targets, TopKTargets):
-            # k = 0 is alpha 0's stand-in for a teacher: over the student's own vocabulary.
-            return self.teacher.vocab if targets.ids.shape[-1] else width
-        return min(width, targets.weight.shape[0] if self._chunked else targets.logits.shape[-1])
+    def _width(self, student: tuple) -> int:
+        """The student's vocabulary: its logits' width."""
+        return student[-1].shape[0] if self._chunked else student[0].shape[-1]
 
     def _top1(self, student: tuple, targets) -> tuple[torch.Tensor, torch.Tensor]:
         """(student, teacher) top-1 ids over the shared vocabulary, for agreement."""
-        vocab = self._vocab(student, targets)
-        if self._chunked:
-            mine = top1_rows(*student, vocab)
-        else:
-            mine = student[0][..., :vocab].argmax(-1)
-        if isinstance(targets, TopKTargets):
-            return mine, targets.ids[..., 0]
-        return mine, top1_rows(*targets, vocab) if self._chunked else targets.logits[..., :vocab].argmax(-1)
+        vocab = targets.vocab(self._width(student))
+        mine = top1_rows(*student, vocab) if self._chunked else student[0][..., :vocab].argmax(-1)
+        return mine, targets.top1(vocab)
 
     @torch.no_grad()
     def _sampled_reverse_kl(self, student: tuple, targets, labels, out, denom) -> torch.Tensor:
@@ -433,11 +380,3 @@ class DistillTrainer(MeteredTrainer):
             self._train_sums.zero_()
             self._last_logged_step = None
         super().log(logs, start_time)
-
-
-def _tensors(targets) -> list[torch.Tensor]:
-    """What the teacher's side produced, to find a non-finite one. A top-k tail may be -inf (k =
-    vocabulary), never NaN; positions without a target hold zeros."""
-    if isinstance(targets, TopKTargets):
-        return [targets.logprobs, targets.tail.nan_to_num(neginf=0.0)]
-    return list(targets)

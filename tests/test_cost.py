@@ -8,16 +8,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, default_data_collator
 
 from distill import cli
 from distill.config import DistillConfig
-from distill.cost import (
-    PFLOPS_DAY,
-    ModelSize,
-    find_peak,
-    model_size,
-    pflops_days,
-    plan,
-    training_flops,
-)
-from distill.flops import FlopMeter
+from distill.cost import PFLOPS_DAY, find_peak, pflops_days
+from distill.flops import FlopMeter, ModelSize, model_size
+from distill.planner import plan, training_flops
 from distill.trainer import DistillTrainer
 
 from conftest import StopAt

@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from distill import cost, finetune, generate
+from distill import finetune, generate
 from distill.cli import main
 from distill.data import load_rows
+from distill.flops import forward_flops, model_size
 from distill.models import load_model, load_tokenizer
 
 from conftest import DATA, ROOT, STUDENT, TEACHER
@@ -101,7 +102,7 @@ def test_parameters_flops_and_dollars_per_token(report, reference):
         m = r[role]
         assert m["parameters"] == sum(p.numel() for p in models[role].parameters())
         assert m["flops_per_token"] == pytest.approx(
-            cost.model_size(path).forward_flops_per_token(MAX_LENGTH), rel=1e-6
+            forward_flops(model_size(path), 1, MAX_LENGTH), rel=1e-6
         )
         hours = 1e6 * m["flops_per_token"] / (PEAK * 1e12 * MFU) / 3600
         assert m["usd_per_million_tokens"] == pytest.approx(hours * PRICE, rel=1e-9)

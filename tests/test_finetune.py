@@ -10,9 +10,10 @@ from transformers import AutoModelForCausalLM
 
 from distill import finetune
 from distill.config import DataArguments
-from distill.cost import model_size, training_flops
 from distill.data import Collator, build_datasets
+from distill.flops import model_size
 from distill.models import load_model, load_tokenizer
+from distill.planner import training_flops
 
 from conftest import DATA, ROOT, STUDENT, TEACHER
 

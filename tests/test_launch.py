@@ -253,6 +253,31 @@ def test_bf16_without_hardware_support_fails_before_any_work_saying_what_to_do(m
     assert DistillConfig(output_dir=str(tmp_path), teacher_model_name_or_path="t", bf16=True, use_cpu=True).bf16
 
 
+# --- on-policy sampling from a sharded student, with the cost meter on --------------------------------
+
+
+def test_on_policy_sampling_of_an_fsdp2_student_on_two_cpu_processes_is_measured_without_deadlock(tmp_path):
+    """The trainer's sampling (DistillTrainer._sample) from a student sharded with FSDP2's fully_shard on
+    2 gloo processes, synced_gpus on and the meter counting: rank 1's prompts get wider every step
+    while rank 0's keep their width, so the ranks meet shapes the meter has and has not counted in
+    different steps. Every process finishes (no collective one makes and the other does not), the two
+    sample with different seeds, and the measured sampling FLOPs equal, on every rank, the computed
+    ones of a prefill plus one decoding forward per further sampled token (distill.flops.sampling_flops)."""
+    process = start([*TORCHRUN, str(HERE), "on_policy_fsdp", str(tmp_path)])
+    try:
+        finish(process)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError("the two processes did not finish: a collective was left waiting") from None
+    ranks = read_records(tmp_path)
+    assert len(ranks) == 2
+    for rank in ranks:
+        assert rank["steps"] == 3 and rank["measured"] == pytest.approx(rank["computed"], rel=1e-9)
+        assert rank["measured"] > 0
+    assert ranks[0]["seeds"] != ranks[1]["seeds"]
+    assert ranks[0]["samples"] != ranks[1]["samples"]
+
+
 # --- the processes the tests above start ----------------------------------------------------------------
 
 
@@ -366,5 +391,65 @@ def shard_worker(record_dir: str) -> None:
     dist.destroy_process_group()
 
 
+def on_policy_fsdp_worker(record_dir: str) -> None:
+    """Sample 3 on-policy batches through DistillTrainer._sample from an FSDP2-sharded tiny student,
+    with a CostCallback measuring; record the seeds, samples and measured vs computed FLOPs. The
+    trainer is a stand-in carrying what _sample reads: accelerate turns FSDP on only for GPU
+    process groups, so a real Trainer cannot shard on CPU."""
+    import torch.distributed as dist
+    from accelerate.utils import DistributedType
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from distill.cost import CostCallback
+    from distill.flops import model_size, sampling_flops
+    from distill.models import load_model, load_tokenizer
+    from distill.on_policy import step_seed
+    from distill.trainer import DistillTrainer
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    student = load_model(str(ROOT / "tiny_models/student"))
+    mesh = init_device_mesh("cpu", (2,))
+    for layer in student.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(student, mesh=mesh)
+    tokenizer = load_tokenizer(str(ROOT / "tiny_models/student"))
+    student.generation_config.eos_token_id = None  # every sample runs max_new_tokens: the widths decide
+    cost = CostCallback()
+    accelerator = types.SimpleNamespace(
+        distributed_type=DistributedType.FSDP, is_fsdp2=True, num_processes=2, process_index=rank,
+        unwrap_model=lambda model: model,
+    )  # fmt: skip
+    args = types.SimpleNamespace(use_vllm=False, max_new_tokens=5, generation_temperature=1.0, top_p=1.0)
+    trainer = types.SimpleNamespace(
+        args=args, accelerator=accelerator, model=student, cost=cost, processing_class=_NoEos(tokenizer)
+    )
+    record = {"seeds": [], "samples": [], "steps": 0}
+    for step in range(3):
+        width = 6 + (step if rank == 1 else 0)
+        ids = torch.arange(3, 3 + 2 * width).reshape(2, width)
+        labels = torch.full_like(ids, -100)
+        labels[:, -1] = ids[:, -1]  # the last token is the target: everything before it the prompt
+        seed = step_seed(0, step, 0, 1, rank)
+        sampled = DistillTrainer._sample(trainer, {"input_ids": ids, "labels": labels}, seed)
+        record["seeds"].append(seed)
+        record["samples"].append(sampled["input_ids"].tolist())
+        record["steps"] += 1
+    record["measured"] = cost.meter.flops["generation"]
+    size = model_size(str(ROOT / "tiny_models/student"))
+    prompts = [6 + (step if rank == 1 else 0) - 1 for step in range(3)]  # 2 rows each
+    record["computed"] = sum(2 * sampling_flops(size, width, args.max_new_tokens) for width in prompts)
+    Path(record_dir, f"rank{rank}.json").write_text(json.dumps(record))
+    dist.destroy_process_group()
+
+
+class _NoEos:
+    """A tokenizer without an EOS id: samples end at max_new_tokens only."""
+
+    def __init__(self, tokenizer):
+        self.pad_token_id, self.eos_token_id = tokenizer.pad_token_id, None
+
+
 if __name__ == "__main__":
-    {"train": train_worker, "shard": shard_worker}[sys.argv[1]](*sys.argv[2:])
+    {"train": train_worker, "shard": shard_worker, "on_policy_fsdp": on_policy_fsdp_worker}[sys.argv[1]](*sys.argv[2:])

@@ -10,8 +10,9 @@ import torch
 from distill import cli
 from distill.config import DataArguments, DistillConfig
 from distill.data import Collator, build_datasets
+from distill.flops import model_size, sampling_flops
 from distill.models import load_model
-from distill.on_policy import prompts_of, sample, sample_quality, step_seed
+from distill.on_policy import prompts_of, sample, sample_quality, step_seed, stop_ids
 from distill.trainer import DistillTrainer
 
 from conftest import DATA, ROOT, STUDENT, TEACHER, StopAt
@@ -63,7 +64,7 @@ def test_an_on_policy_batch_is_graded_on_the_sampled_tokens_only(tmp_path, domai
     (batch,), num_items = trainer.get_batch_samples(iter([data]), 1, torch.device("cpu"))
 
     prompts = prompts_of(data)
-    samples, _ = sample(trainer.model, prompts, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+    samples, _ = sample(trainer.model, prompts, pad_id=tokenizer.pad_token_id, eos_ids=[tokenizer.eos_token_id],
                         max_new_tokens=12, temperature=1.0, top_p=1.0, seed=step_seed(0, 0, 0, 1))  # fmt: skip
     for row, (prompt, completion) in enumerate(zip(prompts, samples, strict=True)):
         ids, labels = batch["input_ids"][row].tolist(), batch["labels"][row].tolist()
@@ -145,7 +146,9 @@ def test_sampling_is_billed_and_logged(tmp_path, domain, tokenizer):
     "override,message",
     [(["--lmbda", "1.5"], "lmbda must be in [0, 1]"), (["--lmbda", "1", "--alpha", "0"], "set alpha > 0"),
      (["--lmbda", "1", "--top_p", "0"], "top_p must be in (0, 1]"),
-     (["--lmbda", "1", "--teacher_cache", "runs/nowhere"], "set teacher_model_name_or_path instead")],
+     (["--lmbda", "1", "--teacher_cache", "runs/nowhere"], "set teacher_model_name_or_path instead"),
+     (["--lmbda", "1", "--max_length", "500", "--max_new_tokens", "16"],
+      "max_length 500 + max_new_tokens 16 (a prompt and the student's sample) is more than the student")],
 )  # fmt: skip
 def test_on_policy_settings_that_cannot_work_are_refused_in_one_line(tmp_path, capsys, monkeypatch, override, message):
     monkeypatch.chdir(ROOT)
@@ -215,11 +218,62 @@ def test_an_on_policy_student_writes_what_the_teacher_would_more_than_an_off_pol
                                per_device_train_batch_size=16, max_new_tokens=16, logging_steps=50)  # fmt: skip
         trainer.train()
         quality[lmbda] = sample_quality(trainer.model, teacher, prompts, pad_id=tokenizer.pad_token_id,
-                                        eos_id=tokenizer.eos_token_id, max_new_tokens=16, seed=123)  # fmt: skip
+                                        eos_ids=[tokenizer.eos_token_id], max_new_tokens=16, seed=123)  # fmt: skip
     assert quality[1.0]["reverse_kl"] < 0.8 * quality[0.0]["reverse_kl"], quality
     assert quality[1.0]["teacher_nll"] < quality[0.0]["teacher_nll"], quality
 
 
-def test_seeds_differ_by_step_and_micro_batch():
-    seeds = {step_seed(0, s, m, 1) for s in range(20) for m in range(4)}
-    assert len(seeds) == 80 and step_seed(0, 3, 1, 1) == step_seed(0, 3, 1, 1) != step_seed(1, 3, 1, 1)
+def test_seeds_differ_by_step_micro_batch_and_process():
+    seeds = {step_seed(0, s, m, 1, p) for s in range(20) for m in range(4) for p in range(2)}
+    assert len(seeds) == 160 and step_seed(0, 3, 1, 1) == step_seed(0, 3, 1, 1) != step_seed(1, 3, 1, 1)
+
+
+def test_each_process_samples_its_rows_with_its_own_seed(tmp_path, domain, tokenizer, monkeypatch):
+    """Two data-parallel processes at the same step and micro-batch draw different samples: the seed
+    the trainer samples with depends on the process (it did not: every process drew alike)."""
+    trainer = make_trainer(tmp_path, domain, tokenizer)
+    batch = Collator(tokenizer.pad_token_id)([domain[0][i] for i in range(2)])
+    seeds = []
+    monkeypatch.setattr(trainer, "_sample", lambda b, seed: seeds.append(seed) or b)
+    for process in (0, 1):
+        monkeypatch.setattr(type(trainer.accelerator), "process_index", property(lambda self, p=process: p))
+        trainer.get_batch_samples(iter([batch]), 1, "cpu")
+    assert len(seeds) == 2 and seeds[0] != seeds[1]
+
+
+def test_samples_stop_at_every_stop_id_of_the_generation_config(tmp_path, domain, tokenizer):
+    """An instruct model ends its turn with a token that is not the tokenizer's EOS (<|im_end|>,
+    <|eot_id|>), listed in its generation_config: a sample ends there, not max_new_tokens later."""
+    student = load_model(STUDENT)
+    prompt = prompts_of(Collator(tokenizer.pad_token_id)([domain[0][0]]))
+    first, _ = sample(student, prompt, pad_id=tokenizer.pad_token_id, eos_ids=[], max_new_tokens=12,
+                      temperature=1e-4, top_p=1.0, seed=0)  # fmt: skip
+    end_of_turn = first[0][0]  # what the (near-greedy) student writes first: make it the end of its turn
+    assert end_of_turn != tokenizer.eos_token_id and len(first[0]) == 12
+    student.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
+    assert stop_ids(student, tokenizer) == [tokenizer.eos_token_id, end_of_turn]
+    trainer = make_trainer(tmp_path, domain, tokenizer, student=student, generation_temperature=1e-4)
+    sampled = trainer._sample(Collator(tokenizer.pad_token_id)([domain[0][0]]), seed=0)
+    completion = sampled["labels"][0][sampled["labels"][0] != -100].tolist()
+    assert completion == [end_of_turn]
+
+
+def test_sampling_runs_once_and_is_billed_its_measured_flops(tmp_path, domain, tokenizer, monkeypatch):
+    """The meter counts the sampling as it runs (no second generate to count it), and what it counts
+    is a prefill with the output layer on the last position plus one decoding forward per further
+    token: distill.flops.sampling_flops, the formula a vLLM sampler is billed with."""
+    trainer = make_trainer(tmp_path, domain, tokenizer)
+    trainer.create_optimizer_and_scheduler(num_training_steps=1)  # the callbacks' train begin
+    trainer.cost.on_train_begin(trainer.args, trainer.state, trainer.control)
+    calls, generate = [], trainer.model.generate
+    monkeypatch.setattr(trainer.model, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    size, computed = model_size(STUDENT), 0.0
+    for seed in range(3):
+        batch = Collator(tokenizer.pad_token_id)([domain[0][i] for i in range(seed, seed + 2)])
+        prompts = prompts_of(batch)
+        sampled = trainer._sample(batch, seed=seed)
+        # generate runs every row of the left-padded batch as wide as the widest prompt, as long as the longest sample
+        steps = int(sampled["labels"].ne(-100).sum(1).max())
+        computed += len(prompts) * sampling_flops(size, max(map(len, prompts)), steps)
+    assert len(calls) == 3
+    assert trainer.cost.meter.flops["generation"] == pytest.approx(computed, rel=1e-9)

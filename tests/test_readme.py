@@ -387,7 +387,7 @@ def test_the_on_policy_table(readme):
     rows = {}
     for name, run in (("off", "runs/tiny_cpu_off_policy"), ("on", "runs/tiny_cpu_on_policy")):
         student = load_model(str(readme["dir"] / run))
-        q = sample_quality(student, teacher, prompts, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+        q = sample_quality(student, teacher, prompts, pad_id=tokenizer.pad_token_id, eos_ids=[tokenizer.eos_token_id],
                            max_new_tokens=16, seed=123)  # fmt: skip
         rows[name] = q, read_json(readme, f"{run}/cost_report.json")["flops"]
     (off, off_flops), (on, on_flops) = rows["off"], rows["on"]

@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from distill import teacher_cache, train
+from distill import cache_teacher, teacher_cache, train
 from distill.cli import main
 from distill.config import DataArguments, DistillConfig
 from distill.data import Collator, build_datasets
@@ -60,7 +60,7 @@ def arrays(cache_dir) -> dict:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("built")
-    manifest, path = teacher_cache.build(recipe(tmp), examples_per_shard=SHARD)
+    manifest, path = cache_teacher.build(recipe(tmp), examples_per_shard=SHARD)
     return tmp, manifest, path
 
 
@@ -107,7 +107,7 @@ def test_an_interrupted_build_resumes_to_the_same_bytes(tmp_path, built, monkeyp
     """Killed while writing its third shard (a half-written .tmp left behind), the build leaves an
     incomplete cache that training refuses; run again, it keeps the finished shards, redoes the
     rest, and ends byte-identical to an uninterrupted build."""
-    real_write = teacher_cache._write_shard
+    real_write = cache_teacher._write_shard
     written = []
 
     def dies_on_third(final, *data):
@@ -119,15 +119,15 @@ def test_an_interrupted_build_resumes_to_the_same_bytes(tmp_path, built, monkeyp
         written.append(final)
         real_write(final, *data)
 
-    monkeypatch.setattr(teacher_cache, "_write_shard", dies_on_third)
+    monkeypatch.setattr(cache_teacher, "_write_shard", dies_on_third)
     with pytest.raises(KeyboardInterrupt):
-        teacher_cache.build(recipe(tmp_path), examples_per_shard=SHARD)
+        cache_teacher.build(recipe(tmp_path), examples_per_shard=SHARD)
     with pytest.raises(ValueError, match="incomplete"):
         teacher_cache.TeacherCache(str(tmp_path / "cache"))
     mtimes = {f: f.stat().st_mtime_ns for d in written for f in d.iterdir()}
 
-    monkeypatch.setattr(teacher_cache, "_write_shard", real_write)
-    manifest, _ = teacher_cache.build(recipe(tmp_path), examples_per_shard=SHARD)
+    monkeypatch.setattr(cache_teacher, "_write_shard", real_write)
+    manifest, _ = cache_teacher.build(recipe(tmp_path), examples_per_shard=SHARD)
     assert manifest["complete"]
     assert all(f.stat().st_mtime_ns == t for f, t in mtimes.items()), "finished shards were rewritten"
     assert not list((tmp_path / "cache").glob("*/*.tmp"))
@@ -167,7 +167,7 @@ def test_a_cache_of_another_run_is_refused_before_any_model_loads(tmp_path, buil
 
 def test_building_into_a_cache_of_another_run_is_refused(tmp_path, built):
     with pytest.raises(ValueError, match="another run"):
-        teacher_cache.build(recipe(tmp_path, teacher_cache=built[2], teacher_top_k=K + 2), examples_per_shard=SHARD)
+        cache_teacher.build(recipe(tmp_path, teacher_cache=built[2], teacher_top_k=K + 2), examples_per_shard=SHARD)
 
 
 def test_training_from_the_cache_loads_no_teacher(tmp_path, built, monkeypatch):
@@ -243,7 +243,7 @@ def test_training_from_the_cache_at_alpha_0_bills_no_teacher(tmp_path, built):
 def test_training_on_full_vocabulary_targets_equals_training_with_the_teacher(tmp_path, chunked):
     """With k = the shared vocabulary the cache *is* the teacher: same loss and student gradients
     as the trainer that runs the teacher, on the chunked and on the reference path."""
-    _, path = teacher_cache.build(recipe(tmp_path, teacher_top_k=902, max_train_samples=3, max_eval_samples=1))
+    _, path = cache_teacher.build(recipe(tmp_path, teacher_top_k=902, max_train_samples=3, max_eval_samples=1))
     cache = teacher_cache.TeacherCache(path)
     collator = teacher_cache.TargetsCollator(Collator(0), cache.k)
     split = cache.split("train")
@@ -293,7 +293,7 @@ def test_a_teacher_changed_in_place_is_refused(tmp_path, monkeypatch, capsys):
     teacher = tmp_path / "teacher"
     shutil.copytree(TEACHER, teacher)
     small = {"teacher_model_name_or_path": str(teacher), "max_train_samples": 4, "max_eval_samples": 2}
-    teacher_cache.build(recipe(tmp_path, **small), examples_per_shard=SHARD)
+    cache_teacher.build(recipe(tmp_path, **small), examples_per_shard=SHARD)
     weights = load_file(teacher / "model.safetensors")
     save_file({name: w * 0.5 for name, w in weights.items()}, teacher / "model.safetensors", metadata={"format": "pt"})
     assert train_until_the_student_loads(monkeypatch, recipe(tmp_path, **small)) == 2
@@ -353,7 +353,7 @@ def test_the_manifest_records_the_teachers_measured_flops_per_split(built):
         for start in range(first, last, batch_size):
             batch = collator([data[i] for i in range(start, min(last, start + batch_size))])
             with flop_counter() as counter:
-                teacher_cache.teacher_targets(teacher, batch, K, 2.0, 902)
+                cache_teacher.teacher_targets(teacher, batch, K, 2.0, 902)
             expected += counter.get_total_flops()
     cost = manifest["teacher_cost"]["train"]
     assert cost["flops"] == expected > 0
@@ -363,13 +363,13 @@ def test_the_manifest_records_the_teachers_measured_flops_per_split(built):
 
 
 def test_building_a_cache_does_not_import_the_train_job(tmp_path):
-    """distill.train imports distill.teacher_cache, so the cache must not need distill.train back
+    """distill.train reads caches, so the job that builds one must not need distill.train back
     (an import cycle); checked in a fresh interpreter, on a recipe the build refuses at once."""
     code = (
         "import sys\n"
-        "from distill import teacher_cache\n"
+        "from distill import cache_teacher, teacher_cache\n"
         "try:\n"
-        f"    teacher_cache.build({recipe(tmp_path, teacher_cache=None)!r})\n"
+        f"    cache_teacher.build({recipe(tmp_path, teacher_cache=None)!r})\n"
         "except teacher_cache.UserError as err:\n"
         "    assert 'set teacher_cache' in str(err), err\n"
         "print('distill.train' in sys.modules)\n"

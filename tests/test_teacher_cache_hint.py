@@ -2,7 +2,7 @@
 is printed: the recipe and overrides the cache was built from (so k, temperature and data match),
 and another output_dir when the recipe's holds a finished run, which `distill train` refuses."""
 
-from distill.teacher_cache import train_command
+from distill.cache_teacher import train_command
 
 OVERRIDES = ["--teacher_cache", "runs/cache", "--teacher_top_k", "8"]
 

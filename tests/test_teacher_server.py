@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from distill import teacher_cache, train
+from distill import cache_teacher, teacher_cache, train
 from distill.errors import UserError
 from distill.models import load_tokenizer
 from distill.teacher_server import TeacherServer
@@ -56,7 +56,7 @@ def logged(output_dir) -> list[dict]:
 def test_training_from_the_server_reproduces_training_from_the_local_teachers_top_k(tmp_path, server):
     _, url = server
     local_cache, served_cache = tmp_path / "local-cache", tmp_path / "served-cache"
-    teacher_cache.build(RECIPE, SMALL + ["--teacher_cache", str(local_cache)])
+    cache_teacher.build(RECIPE, SMALL + ["--teacher_cache", str(local_cache)])
     train.run(RECIPE, SMALL + ["--teacher_cache", str(local_cache), "--output_dir", str(tmp_path / "cached")])
     train.run(RECIPE, SMALL + ["--teacher_server", url, "--output_dir", str(tmp_path / "served")])
 
@@ -77,7 +77,7 @@ def test_training_from_the_server_reproduces_training_from_the_local_teachers_to
     # A cache filled from the server holds the local teacher's ids. Its log-probabilities are the
     # local ones shifted, row by row, by log(1 - the mass of the teacher's padded ids), which the
     # local cache renormalises away; beyond that shift they agree to vLLM's float32 precision.
-    teacher_cache.build(RECIPE, SMALL + ["--teacher_cache", str(served_cache), "--teacher_server", url])
+    cache_teacher.build(RECIPE, SMALL + ["--teacher_cache", str(served_cache), "--teacher_server", url])
     for split in ("train", "eval"):
         ours = teacher_cache.TeacherCache(str(local_cache)).split(split)
         theirs = teacher_cache.TeacherCache(str(served_cache)).split(split)

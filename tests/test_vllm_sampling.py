@@ -16,8 +16,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from distill import train
-from distill.cost import model_size
 from distill.errors import UserError
+from distill.flops import model_size
 from distill.on_policy import StudentServer
 
 from conftest import ROOT, STUDENT, TEACHER
@@ -85,8 +85,8 @@ def test_pushed_weights_are_the_ones_the_server_samples_from(student, server, tm
     torch.testing.assert_close(after, local_logprobs(model, IDS), rtol=0, atol=1e-4)
     assert (after - before).abs().max() > 0.05
     # The same seed samples the same completion; each prompt of a batch has its own seed.
-    a = client.sample([IDS[:5], IDS[:5]], eos_id=2, max_new_tokens=8, temperature=1.0, top_p=1.0, seed=7)
-    b = client.sample([IDS[:5], IDS[:5]], eos_id=2, max_new_tokens=8, temperature=1.0, top_p=1.0, seed=7)
+    a = client.sample([IDS[:5], IDS[:5]], eos_ids=[2], max_new_tokens=8, temperature=1.0, top_p=1.0, seed=7)
+    b = client.sample([IDS[:5], IDS[:5]], eos_ids=[2], max_new_tokens=8, temperature=1.0, top_p=1.0, seed=7)
     assert a == b and a[0][0] != a[0][1] and a[2] > 0
 
 
