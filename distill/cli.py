@@ -7,7 +7,6 @@ import importlib
 import sys
 
 from distill.errors import NonFiniteError, ServerError, UserError
-from distill.recipe import check_quickly
 
 
 def _recipe_job(args, rest):
@@ -17,8 +16,8 @@ def _recipe_job(args, rest):
 
         print(describe(importlib.import_module(f"distill.{args.module}").ARGUMENTS))
         return
-    # Before the job module imports torch and transformers (seconds): a bad recipe fails at once.
-    check_quickly(args.module, args.recipe, rest)
+    # A job's first step is parsing its recipe (distill.recipe.parse): a bad key or value is refused
+    # before anything loads, as soon as the job's imports (transformers: seconds) are done.
     importlib.import_module(f"distill.{args.module}").run(args.recipe, rest)
 
 
@@ -28,7 +27,6 @@ def _no_extra(rest):
 
 
 def _cache_teacher(args, rest):
-    check_quickly("train", args.recipe, rest)  # the training recipe, checked before torch is imported
     from distill import cache_teacher
 
     print(cache_teacher.summary(*cache_teacher.build(args.recipe, rest), args.recipe, rest))

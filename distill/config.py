@@ -8,7 +8,7 @@
 Both training configs carry `RunArguments`: the settings of the cost meter and `overwrite_output_dir`.
 
 Every field carries its help text; `__post_init__` checks what a user can get wrong, so a bad
-recipe fails in milliseconds rather than after the models have loaded.
+recipe fails when it is parsed, the first step of a job, rather than after the models have loaded.
 """
 
 from __future__ import annotations
@@ -224,7 +224,15 @@ class RunArguments:
             raise UserError(f"peak_tflops must be > 0 (TFLOP/s of one device), got {self.peak_tflops}")
         if self.gpu_hour_price is not None and self.gpu_hour_price < 0:
             raise UserError(f"gpu_hour_price must be >= 0 ($ per device-hour), got {self.gpu_hour_price}")
-        # The Trainer divides by it (ZeroDivisionError at 0) and a negative count trains nothing.
+        # TrainingArguments checks none of these. The batch sizes would fail as a traceback from the
+        # DataLoader once the models have loaded; the Trainer divides by gradient_accumulation_steps
+        # (ZeroDivisionError at 0), and a negative count trains nothing.
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(
+                    f"{name} must be a whole number >= 1 (sequences per device in each forward pass), "
+                    f"got {getattr(self, name)}"
+                )
         if self.gradient_accumulation_steps < 1:
             raise UserError(
                 f"gradient_accumulation_steps must be a whole number >= 1 (micro-batches per optimizer step), "

@@ -4,18 +4,17 @@ The keys are the fields of the dataclasses a job declares (`distill.config`), fi
 `transformers.HfArgumentParser`. An unknown key is an error, never silently ignored: a typo in
 `temprature` would otherwise train with the default.
 
-Importing torch and transformers takes seconds, so a recipe is checked twice. `check_quickly` runs
-first, without them: the file, its YAML, the overrides, unknown keys and each value's type (against
-`distill.recipe_keys`, the dataclasses' fields written down and kept equal to them by a test), and
-the ranges of distill's own knobs (`QUICK_CHECKS`). `parse` then fills the dataclasses, whose
-`__post_init__` checks everything again and more (TrainingArguments' own rules, bf16 hardware).
+A recipe is checked once, by `parse`, the first step of every job: unknown keys (with the nearest
+known one), each value's type (`_coerce`), then the dataclasses' own `__post_init__` (distill's
+ranges, TrainingArguments' rules, bf16 hardware). The keys and rules are read off the dataclasses,
+never written down a second time, so they hold for whichever transformers is installed. Nothing is
+loaded before it; the refusal costs the import of transformers (a few seconds), no more.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.metadata
 import re
 import types
 import typing
@@ -65,25 +64,24 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> dict:
     return data
 
 
-_KINDS = {"str": str, "int": int, "float": float, "bool": bool, "None": type(None)}
+_PLAIN = (str, int, float, bool, type(None))
 
 
-def kinds(hint) -> str:
-    """The plain types a field's type hint admits, as ``"float|None"``: all `_coerce` needs to know
-    (lists, enums and dicts pass through as they are). What `distill.recipe_keys` stores per key."""
+def kinds(hint) -> frozenset:
+    """The plain types a field's type hint admits (``float | None`` -> {float, NoneType}): all
+    `_coerce` needs to know (lists, enums and dicts pass through as they are)."""
     args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    return "|".join(name for name, kind in _KINDS.items() if kind in args)
+    return frozenset(kind for kind in _PLAIN if kind in args)
 
 
-def _coerce(key: str, value, kinds: str, default):
-    """The value a field admitting ``kinds`` gets from a recipe, or a UserError naming the key.
+def _coerce(key: str, value, args: frozenset, default):
+    """The value a field admitting the types ``args`` gets from a recipe, or a UserError naming the key.
 
     Numbers written as strings ("3", "0.5") become numbers, and strategy fields get their "no" when
     YAML 1.1 read `save_strategy: no` as False. A value a numeric or true/false field cannot take is
     refused here: the dataclasses do not check types, and a string learning rate would otherwise fail
     as a TypeError deep inside the Trainer, or not at all.
     """
-    args = {_KINDS[name] for name in kinds.split("|") if name}
     if value is False and bool not in args and str in args and type(None) not in args:
         return "no"
     if str in args:
@@ -161,83 +159,6 @@ def parse(data: dict, dataclass_types: tuple) -> tuple:
     except (ValueError, TypeError) as err:
         # What the dataclasses themselves refuse (TrainingArguments' own checks) is the recipe's doing.
         raise UserError(f"bad recipe value: {' '.join(str(err).split())}") from err
-
-
-# The value checks of distill's own keys, as `__post_init__` in distill.config makes them, for
-# `check_quickly`: key -> (whether a value is fine, the message otherwise). Written twice because
-# those dataclasses cannot be imported without torch; tests/test_recipe_keys.py asserts, job by job,
-# that each rule refuses what the dataclasses refuse, with the same message, and accepts what they
-# accept. Checks that depend on other keys (on-policy settings, required keys) are left to `parse`.
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUICK_CHECKS = {
-    "alpha": (lambda v: 0.0 <= v <= 1.0, "alpha must be in [0, 1] (weight of the KD term), got {}"),
-    "beta": (lambda v: 0.0 <= v <= 1.0, "beta must be in [0, 1], got {}"),
-    "temperature": (lambda v: v > 0, "temperature must be > 0, got {}"),
-    "loss_type": (
-        lambda v: v in ("forward_kl", "reverse_kl", "jsd"),
-        "unknown loss_type {!r}; choose one of forward_kl, reverse_kl, jsd",
-    ),
-    "teacher_top_k": (lambda v: v >= 1, "teacher_top_k must be >= 1, got {}"),
-    "dtype": (lambda v: v in _DTYPES, "dtype={!r} is not a dtype distill knows; use one of " + ", ".join(_DTYPES)),
-    "teacher_dtype": (
-        lambda v: v in _DTYPES,
-        "teacher_dtype={!r} is not a dtype distill knows; use one of " + ", ".join(_DTYPES),
-    ),
-    "lora_r": (lambda v: v > 0, "lora_r must be a positive integer (the adapter rank), got {}"),
-    "lora_alpha": (lambda v: v > 0, "lora_alpha must be > 0 (the scale is lora_alpha / lora_r), got {}"),
-    "lora_dropout": (lambda v: 0.0 <= v < 1.0, "lora_dropout must be in [0, 1), got {}"),
-    "eval_fraction": (lambda v: 0.0 <= v < 1.0, "eval_fraction must be in [0, 1), got {}"),
-    "max_length": (lambda v: v >= 2, "max_length must be at least 2 tokens, got {}"),
-    "peak_tflops": (lambda v: v > 0, "peak_tflops must be > 0 (TFLOP/s of one device), got {}"),
-    "gpu_hour_price": (lambda v: v >= 0, "gpu_hour_price must be >= 0 ($ per device-hour), got {}"),
-    "gradient_accumulation_steps": (
-        lambda v: v >= 1,
-        "gradient_accumulation_steps must be a whole number >= 1 (micro-batches per optimizer step), got {}",
-    ),
-    "teacher_server_timeout": (lambda v: v > 0, "teacher_server_timeout must be > 0 seconds, got {}"),
-    "teacher_server_batch_size": (lambda v: v >= 1, "teacher_server_batch_size must be >= 1, got {}"),
-    "teacher_server_retries": (lambda v: v >= 0, "teacher_server_retries must be >= 0, got {}"),
-    "vllm_sync_steps": (lambda v: v >= 1, "vllm_sync_steps must be >= 1, got {}"),
-}
-# `distill generate`'s own (distill.generate.GenerateConfig), where some names mean something else.
-QUICK_CHECKS_GENERATE = {
-    "temperature": QUICK_CHECKS["temperature"],
-    "dtype": QUICK_CHECKS["dtype"],
-    "max_new_tokens": (lambda v: v >= 1, "max_new_tokens must be at least 1, got {}"),
-    "batch_size": (lambda v: v >= 1, "batch_size must be at least 1, got {}"),
-    "max_prompts": (lambda v: v >= 1, "max_prompts must be at least 1, got {}"),
-    "top_p": (lambda v: 0 < v <= 1, "top_p must be in (0, 1], got {}"),
-}
-
-
-def _installed(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def check_quickly(job: str, recipe_path: str, overrides: list[str] | None = None) -> None:
-    """Refuse a recipe for ``job`` (a key of `distill.recipe_keys.JOBS`) that `parse` would refuse
-    for its file, YAML, overrides, keys, value types or distill's own value ranges, without
-    importing torch or transformers: a typo then costs a fraction of a second, not their import."""
-    from distill.recipe_keys import JOBS, TRANSFORMERS
-
-    keys = JOBS[job]
-    checks = QUICK_CHECKS_GENERATE if job == "generate" else QUICK_CHECKS
-    data = load_recipe(recipe_path, overrides)
-    # Another transformers may have other TrainingArguments: then a key not written down here may be
-    # one of them, and only the full parse can say.
-    if _installed("transformers") == TRANSFORMERS:
-        _refuse_unknown(data, keys)
-    for key, value in data.items():
-        if key not in keys:
-            continue
-        value = _coerce(key, value, *keys[key])
-        if key in checks and value is not None:
-            fine, problem = checks[key]
-            if not fine(value):
-                raise UserError(problem.format(value))
 
 
 def describe(dataclass_types: tuple) -> str:

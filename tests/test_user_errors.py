@@ -59,6 +59,16 @@ def test_gradient_accumulation_steps_below_one_is_refused(tmp_path, capsys, step
     assert_one_line("train", code, err, "gradient_accumulation_steps must be a whole number >= 1", f"got {steps}")
 
 
+@pytest.mark.parametrize("command", ["train", "finetune"])
+@pytest.mark.parametrize("key", ["per_device_train_batch_size", "per_device_eval_batch_size"])
+@pytest.mark.parametrize("size", [0, -1])
+def test_a_batch_size_below_one_is_refused(tmp_path, capsys, command, key, size):
+    """TrainingArguments takes any integer; unchecked, the DataLoader fails with a traceback once the
+    models have loaded."""
+    code, err = distill(command, tmp_path, capsys, f"--{key}", str(size))
+    assert_one_line(command, code, err, f"{key} must be a whole number >= 1", f"got {size}")
+
+
 @pytest.mark.parametrize(
     "key,value,expected",
     [
