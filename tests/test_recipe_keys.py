@@ -26,6 +26,8 @@ def valid(job, tmp_path):
             "model_name_or_path": STUDENT,
             "teacher_model_name_or_path": TEACHER,
             "dataset": str(DATA / "corpus_train.jsonl"),
+            # room for on-policy samples (max_new_tokens) within the tiny models' 512 positions
+            "max_length": 128,
             "output_dir": str(tmp_path / "out"),
         },
         "finetune": {
