@@ -330,8 +330,8 @@ def topk_distillation_loss(
 #
 # With identical tokenizers (identity map, every position aligned) projected and hybrid are the
 # same-tokenizer `topk_distillation_loss`; the tests hold them to it. Memory: the student's rows are
-# what the model's logits already are; the teacher's vocabulary appears only in tensors of
-# (chunk_rows, V_teacher), made and dropped chunk by chunk (autograd keeps none of them), never
+# what the model's logits already are; the teacher's vocabulary appears only in one (chunk_rows,
+# V_teacher) index lookup, made and dropped chunk by chunk (autograd keeps it not), never
 # (batch, seq, V_teacher).
 
 XTOKEN_METHODS = ("projected", "uld", "hybrid")
@@ -352,29 +352,28 @@ def projected_log_buckets(log_s: torch.Tensor, targets: TopKTargets, map_ids, ma
     terms that vanish when the two probabilities are equal, and constants carry no gradient, so this
     is the divergence over the non-empty buckets, without -inf - -inf anywhere.
     """
-    n, v_t = log_s.shape[0], reachable.numel()
+    n, k = targets.ids.shape
     t_ids = targets.ids.long()
-    idx = map_ids.clamp(min=0).reshape(1, -1).expand(n, -1)
+    # Each (s, c) entry's bucket: the slot of its teacher id among the top k, or k (the tail) for the
+    # other ids and NO_TOKEN. The (n, V_teacher) lookup is the only teacher-vocabulary-sized tensor.
+    slot_of = torch.full((n, reachable.numel()), k, dtype=torch.long, device=log_s.device)
+    slot_of.scatter_(1, t_ids, torch.arange(k, device=log_s.device).expand(n, k))
+    slot = slot_of.gather(1, map_ids.clamp(min=0).reshape(1, -1).expand(n, -1))
+    del slot_of
+    slot = torch.where(map_ids.ge(0).reshape(1, -1), slot, k)
     x = (log_s.unsqueeze(-1) + map_log_w).reshape(n, -1)  # log of the mass s sends to ids[s, c]
-    topk = torch.zeros(n, v_t, dtype=torch.bool, device=log_s.device).scatter_(1, t_ids, True)
-    in_k = topk.gather(1, idx) & map_ids.ge(0).reshape(1, -1)
-    del topk
-    # A logsumexp per teacher id, by scatter: shift by the (detached) max, sum the exponentials.
-    x_in = x.detach().masked_fill(~in_k, _NEG_INF)
-    top = torch.full((n, v_t), _NEG_INF, device=log_s.device).scatter_reduce(1, idx, x_in, "amax")
-    shift = top.gather(1, idx)
-    summed = torch.zeros(n, v_t, device=log_s.device).scatter_add(1, idx, torch.where(in_k, x - shift, _NEG_INF).exp())
-    # summed >= 1 where the max was added (exp(0)); clamp only guards the ids nothing maps to.
-    log_q = top.gather(1, t_ids) + summed.gather(1, t_ids).clamp(min=1).log()
-    del top, summed, shift, x_in
+    # A logsumexp per bucket, by scatter: shift by the bucket's (detached) max, sum the exponentials.
+    top = torch.full((n, k + 1), _NEG_INF, device=log_s.device).scatter_reduce(1, slot, x.detach(), "amax")
+    shifted = torch.where(x.isfinite(), x - top.gather(1, slot), _NEG_INF)
+    summed = torch.zeros(n, k + 1, device=log_s.device).scatter_add(1, slot, shifted.exp())
+    # summed >= 1 in a bucket with mass (its max adds exp(0)); the clamp guards only the empty ones.
+    log_b = top + summed.clamp(min=1).log()
     reach = reachable[t_ids]
     log_t = targets.logprobs.float()
-    log_s_k, log_t_k = torch.where(reach, log_q, 0.0), torch.where(reach, log_t, 0.0)
+    log_s_k, log_t_k = torch.where(reach, log_b[:, :k], 0.0), torch.where(reach, log_t, 0.0)
     tail_t = torch.cat([targets.tail.float().unsqueeze(-1), log_t.masked_fill(reach, _NEG_INF)], -1).logsumexp(-1)
-    x_out = x.masked_fill(in_k, _NEG_INF)
-    has_out = x_out.isfinite().any(-1)  # no student mass outside the top k: no tail bucket (k = vocab)
-    tail_s = torch.where(has_out[:, None], x_out, 0.0).logsumexp(-1)
-    tail_s, tail_t = torch.where(has_out, tail_s, 0.0), torch.where(has_out, tail_t, 0.0)
+    has_out = summed[:, k] > 0  # no student mass outside the top k: no tail bucket (k = vocab)
+    tail_s, tail_t = torch.where(has_out, log_b[:, k], 0.0), torch.where(has_out, tail_t, 0.0)
     return torch.cat([log_s_k, tail_s.unsqueeze(-1)], -1), torch.cat([log_t_k, tail_t.unsqueeze(-1)], -1)
 
 
