@@ -16,6 +16,7 @@ from pathlib import Path
 import datasets
 import torch
 
+from distill import xtoken
 from distill.config import DataArguments
 from distill.errors import UserError
 from distill.losses import IGNORE_INDEX
@@ -236,6 +237,29 @@ def build_datasets(args: DataArguments, tokenizer, seed: int = 0, prompts_only: 
     if eval_rows is not None:
         evaluation = tokenize(eval_rows, tokenizer, args.max_length, f"eval data {args.eval_dataset or args.dataset}")
     return train, evaluation
+
+
+def tokenize_pair(
+    row: dict, tokenizer, teacher_tokenizer, max_length: int, teacher_max_length: int | None = None
+) -> dict[str, list[int]]:
+    """One row for a teacher with another tokenizer: the student's ``input_ids`` and ``labels`` as
+    `tokenize` makes them (one document per row: ``text`` is not packed, since packing differs per
+    tokenizer), the teacher's ``teacher_input_ids`` (chat: rendered with the teacher's own template),
+    and ``alignment``: per student position, the teacher position predicting from the same byte of the
+    visible text, or -1 (`distill.xtoken`). Both sides are truncated, the teacher at
+    ``teacher_max_length`` (default ``max_length``); a student position whose teacher position was cut
+    off is -1 too, and counted by `xtoken.unaligned_targets` like any other."""
+    student = xtoken.encode(tokenizer, row, "student")
+    teacher = xtoken.encode(teacher_tokenizer, row, "teacher")
+    n_t = teacher_max_length or max_length
+    alignment = [j if j < n_t else -1 for j in xtoken.align(student, teacher)][:max_length]
+    labels = [t if target else IGNORE_INDEX for t, target in zip(student.ids, student.target)][:max_length]
+    return {
+        "input_ids": student.ids[:max_length],
+        "labels": labels,
+        "teacher_input_ids": teacher.ids[:n_t],
+        "alignment": alignment,
+    }
 
 
 class Collator:

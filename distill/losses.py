@@ -306,3 +306,209 @@ def topk_distillation_loss(
     ce = F.cross_entropy(s.float(), y, reduction="sum") / denom
     loss = alpha * kd + (1.0 - alpha) * ce
     return DistillationLoss(loss, kd.detach(), ce.detach(), num_tokens)
+
+
+# --- Cross-tokenizer losses -----------------------------------------------------------------------
+#
+# When the teacher has another tokenizer, its top-k targets live in its own vocabulary and on its own
+# positions. `distill.xtoken` aligns positions (student position i <-> teacher position alignment[i],
+# both predicting what follows the same byte) and maps vocabularies (a `VocabMap`: student token s
+# sends its probability to teacher ids ids[s, c] with weights weights[s, c], summing to 1; NO_TOKEN = -1
+# sends it nowhere). Three ways to compare the two distributions at an aligned position:
+#
+#   projected   the student's distribution pushed into the teacher's space,
+#                   q_T(t) = sum_s p_S(s) sum_c W[s, c] [ids[s, c] = t],
+#               then D(p_T, q_T) over the teacher's k ids + the tail, exactly like the same-tokenizer
+#               top-k loss (forward / reverse KL, JSD with beta = the teacher's weight). A teacher id no
+#               student token maps to cannot be matched by any student; its mass joins the tail on
+#               both sides (merging outcomes, as the top-k tail already does). X-Token's projection,
+#               on top-k targets.
+#   uld         ULD (Boizard et al. 2024): sorted L1 between the two distributions, blind to ids.
+#   hybrid      GOLD-style: D on the teacher ids whose bytes are exactly one student token (+ one
+#               bucket for everything else), plus the sorted L1 between the teacher's other top-k
+#               probabilities and the student's highest probabilities outside the exact matches.
+#
+# With identical tokenizers (identity map, every position aligned) projected and hybrid are the
+# same-tokenizer `topk_distillation_loss`; the tests hold them to it. Memory: the student's rows are
+# what the model's logits already are; the teacher's vocabulary appears only in one (chunk_rows,
+# V_teacher) index lookup, made and dropped chunk by chunk (autograd keeps it not), never
+# (batch, seq, V_teacher).
+
+XTOKEN_METHODS = ("projected", "uld", "hybrid")
+_NEG_INF = float("-inf")
+
+
+def projected_log_buckets(log_s: torch.Tensor, targets: TopKTargets, map_ids, map_log_w, reachable):
+    """(student, teacher) log-probabilities on the teacher's k ids + the tail, the student projected.
+
+    ``log_s``: (n, V_student) log-softmax; ``targets``: (n, k); ``map_ids``, ``map_log_w``: (V_student, m)
+    teacher ids (NO_TOKEN = -1) and log-weights of the vocabulary map; ``reachable``: (V_teacher,) bool.
+
+        log q_T(t) = logsumexp_{(s, c): ids[s, c] = t} (log p_S(s) + log W[s, c])      (t in the top k)
+        log q_T(tail) = logsumexp over every (s, c) whose id is not in the top k (NO_TOKEN included)
+
+    A bucket empty on both sides (a top-k id nothing maps to, whose teacher mass moved to the tail;
+    or no tail at all) is written as log p = 0 on both sides: each divergence is a sum of per-bucket
+    terms that vanish when the two probabilities are equal, and constants carry no gradient, so this
+    is the divergence over the non-empty buckets, without -inf - -inf anywhere.
+    """
+    n, k = targets.ids.shape
+    t_ids = targets.ids.long()
+    # Each (s, c) entry's bucket: the slot of its teacher id among the top k, or k (the tail) for the
+    # other ids and NO_TOKEN. The (n, V_teacher) lookup is the only teacher-vocabulary-sized tensor.
+    slot_of = torch.full((n, reachable.numel()), k, dtype=torch.long, device=log_s.device)
+    slot_of.scatter_(1, t_ids, torch.arange(k, device=log_s.device).expand(n, k))
+    slot = slot_of.gather(1, map_ids.clamp(min=0).reshape(1, -1).expand(n, -1))
+    del slot_of
+    slot = torch.where(map_ids.ge(0).reshape(1, -1), slot, k)
+    x = (log_s.unsqueeze(-1) + map_log_w).reshape(n, -1)  # log of the mass s sends to ids[s, c]
+    # A logsumexp per bucket, by scatter: shift by the bucket's (detached) max, sum the exponentials.
+    top = torch.full((n, k + 1), _NEG_INF, device=log_s.device).scatter_reduce(1, slot, x.detach(), "amax")
+    shifted = torch.where(x.isfinite(), x - top.gather(1, slot), _NEG_INF)
+    summed = torch.zeros(n, k + 1, device=log_s.device).scatter_add(1, slot, shifted.exp())
+    # summed >= 1 in a bucket with mass (its max adds exp(0)); the clamp guards only the empty ones.
+    log_b = top + summed.clamp(min=1).log()
+    reach = reachable[t_ids]
+    log_t = targets.logprobs.float()
+    log_s_k, log_t_k = torch.where(reach, log_b[:, :k], 0.0), torch.where(reach, log_t, 0.0)
+    tail_t = torch.cat([targets.tail.float().unsqueeze(-1), log_t.masked_fill(reach, _NEG_INF)], -1).logsumexp(-1)
+    has_out = summed[:, k] > 0  # no student mass outside the top k: no tail bucket (k = vocab)
+    tail_s, tail_t = torch.where(has_out, log_b[:, k], 0.0), torch.where(has_out, tail_t, 0.0)
+    return torch.cat([log_s_k, tail_s.unsqueeze(-1)], -1), torch.cat([log_t_k, tail_t.unsqueeze(-1)], -1)
+
+
+def sorted_l1(log_s: torch.Tensor, targets: TopKTargets) -> torch.Tensor:
+    """ULD's sorted L1 per row, on top-k targets::
+
+        sum_r |p_S^(r) - p_T^(r)|  +  |p_S(beyond its top k) - p_T(tail)|
+
+    where ``p^(r)`` is a side's r-th largest probability (r < k). Ids do not matter, only the shapes
+    of the two distributions. A lower bound of the full-vocabulary sorted L1 (the bucket merges
+    mass), equal to it at k = vocab.
+    """
+    k, v_s = targets.ids.shape[-1], log_s.shape[-1]
+    p_t = targets.logprobs.float().exp().sort(-1, descending=True).values
+    top_s, top_ids = log_s.topk(min(k, v_s), -1)
+    p_s = F.pad(top_s.exp(), (0, k - top_s.shape[-1]))
+    l1 = (p_s - p_t).abs().sum(-1)
+    if k >= v_s:
+        return l1 + targets.tail.float().exp()
+    rest_s = log_s.scatter(-1, top_ids, _NEG_INF).logsumexp(-1).exp()
+    return l1 + (rest_s - targets.tail.float().exp()).abs()
+
+
+def hybrid_divergence(log_s: torch.Tensor, targets: TopKTargets, exact_student_of, loss_type: str, beta: float):
+    """Exact-match divergence + sorted L1 on the rest, per row.
+
+    ``exact_student_of``: (V_teacher,) the student id with exactly teacher id t's bytes, or -1. With E
+    the top-k ids that have one (and s(t) that student id)::
+
+        D( [p_T(t)]_{t in E} + [1 - sum_E p_T],  [p_S(s(t))]_{t in E} + [1 - sum_E p_S(s(t))] )
+        + sum_{r < k - |E|} |p_S^(r) - p_T^(r)|     over the teacher's top-k ids outside E and the
+                                                    student's ids other than the s(t), each sorted
+    """
+    k = targets.ids.shape[-1]
+    log_t = targets.logprobs.float()
+    twin = exact_student_of[targets.ids.long()]
+    exact = twin.ge(0)
+    twin = twin.clamp(min=0)
+    log_s_k, log_t_k = torch.where(exact, log_s.gather(-1, twin), 0.0), torch.where(exact, log_t, 0.0)
+    # scatter_add, not scatter: several slots may write index 0, and a sum has one answer.
+    matched = torch.zeros_like(log_s).scatter_add(-1, twin, exact.to(log_s.dtype)).gt(0)
+    rest_log_s = log_s.masked_fill(matched, _NEG_INF)
+    has_rest = ~matched.all(-1)
+    rest_s = torch.where(has_rest[:, None], rest_log_s, 0.0).logsumexp(-1)
+    rest_t = torch.cat([targets.tail.float().unsqueeze(-1), log_t.masked_fill(exact, _NEG_INF)], -1).logsumexp(-1)
+    rest_s, rest_t = torch.where(has_rest, rest_s, 0.0), torch.where(has_rest, rest_t, 0.0)
+    div = divergence(
+        torch.cat([log_s_k, rest_s[:, None]], -1), torch.cat([log_t_k, rest_t[:, None]], -1), loss_type, beta
+    )
+    p_t_rest = log_t.exp().masked_fill(exact, 0.0).sort(-1, descending=True).values
+    p_s_rest = F.pad(rest_log_s.topk(min(k, log_s.shape[-1]), -1).values.exp(), (0, max(0, k - log_s.shape[-1])))
+    slots = torch.arange(k, device=log_s.device) < (~exact).sum(-1, keepdim=True)
+    return div + ((p_s_rest - p_t_rest).abs() * slots).sum(-1)
+
+
+def xtoken_token_divergence(
+    student_logits: torch.Tensor,
+    targets: TopKTargets,
+    vocab_map,
+    method: str = "projected",
+    loss_type: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Per-row divergence (n,) between aligned rows: student logits (n, >= V_student) and the
+    teacher's top-k targets (n, k), in fp32, not T^2-scaled, ``chunk_rows`` rows at a time (default:
+    as many as keep a (rows, V_teacher) tensor near 2^24 elements)."""
+    if method not in XTOKEN_METHODS:
+        raise ValueError(f"unknown cross-tokenizer method {method!r}; choose one of {', '.join(XTOKEN_METHODS)}")
+    _check_loss_type(loss_type)
+    v_s, device = vocab_map.ids.shape[0], student_logits.device
+    if method == "projected":
+        active = vocab_map.weights.gt(0).any(0)  # columns that carry mass (the first, for first-token maps)
+        map_ids = vocab_map.ids[:, active].to(device)
+        map_log_w = vocab_map.weights[:, active].to(device).log()
+        reachable = vocab_map.reachable().to(device)
+    elif method == "hybrid":
+        exact_student_of = vocab_map.exact_student_of().to(device)
+    chunk = chunk_rows or max(1, 2**24 // vocab_map.teacher_vocab_size)
+    out = []
+    for i in range(0, student_logits.shape[0], chunk):
+        log_s = F.log_softmax(student_logits[i : i + chunk, :v_s].float() / temperature, dim=-1)
+        t = TopKTargets(*(x[i : i + chunk] for x in targets))
+        if method == "projected":
+            out.append(divergence(*projected_log_buckets(log_s, t, map_ids, map_log_w, reachable), loss_type, beta))
+        elif method == "uld":
+            out.append(sorted_l1(log_s, t))
+        else:
+            out.append(hybrid_divergence(log_s, t, exact_student_of, loss_type, beta))
+    return torch.cat(out) if out else student_logits.new_zeros(0, dtype=torch.float32)
+
+
+def xtoken_distillation_loss(
+    student_logits: torch.Tensor,
+    targets: TopKTargets,
+    alignment: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_map,
+    *,
+    method: str = "projected",
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    loss_type: str = "forward_kl",
+    beta: float = 0.5,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_rows: int | None = None,
+) -> DistillationLoss:
+    """:func:`topk_distillation_loss` for a teacher with another tokenizer.
+
+    Args:
+        student_logits: ``(batch, seq, V)``, V >= the student tokenizer's length (``vocab_map`` rows);
+            wider logits are trimmed to it, for the divergence and the cross-entropy alike.
+        targets: the teacher's top-k targets on *its* positions, ``(batch, seq_teacher, k)``.
+        alignment: ``(batch, seq)`` long, the teacher position aligned with each student position
+            (which predicts label i + 1), -1 where none (`distill.xtoken.align`).
+        labels: the student's, unshifted, -100 where not a target.
+
+    ``kd = T^2 * sum over aligned target positions of D / denom``; ``ce`` over all target positions;
+    ``denom`` = ``num_items_in_batch`` or the micro-batch's target count, as in
+    :func:`distillation_loss`. A target position with no teacher position trains on the labels only.
+    """
+    student_logits = student_logits[..., : vocab_map.ids.shape[0]]
+    s, y = shift_for_causal_lm(student_logits, labels)
+    mask = y.ne(IGNORE_INDEX)
+    num_tokens = mask.sum()
+    denom = num_items_in_batch if num_items_in_batch is not None else num_tokens
+    denom = torch.as_tensor(denom, device=s.device, dtype=torch.float32).clamp(min=1)
+    teacher_pos = alignment[:, :-1].reshape(-1)
+    rows = mask & teacher_pos.ge(0)
+    batch_of = torch.arange(labels.shape[0], device=s.device)[:, None].expand_as(labels[:, 1:]).reshape(-1)
+    b, j = batch_of[rows], teacher_pos[rows]
+    t = TopKTargets(targets.logprobs[b, j], targets.ids[b, j], targets.tail[b, j])
+    div = xtoken_token_divergence(s[rows], t, vocab_map, method, loss_type, temperature, beta, chunk_rows)
+    kd = div.sum() * (temperature**2) / denom
+    ce = F.cross_entropy(s[mask].float(), y[mask], reduction="sum") / denom
+    loss = alpha * kd + (1.0 - alpha) * ce
+    return DistillationLoss(loss, kd.detach(), ce.detach(), num_tokens)

@@ -1,7 +1,8 @@
 """Build tiny_models/: a generated toy-world corpus, one shared BPE tokenizer, a trained teacher and an
-untrained student, small enough for CPU tests and the default recipe.
+untrained student, small enough for CPU tests and the default recipe; plus teacher_xtok/, a second
+trained teacher of the same world with another tokenizer (for cross-tokenizer distillation).
 
-    python scripts/build_tiny_models.py      # rewrites tiny_models/ (single-threaded, 1.5-3 minutes)
+    python scripts/build_tiny_models.py      # rewrites tiny_models/ (single-threaded, 2.5-5 minutes)
 
 Everything is seeded and the build runs on one thread: with the same library versions a rebuild
 reproduces every file byte for byte. The data and tokenizer reproduce anywhere; another CPU or torch
@@ -51,6 +52,23 @@ CHAT_TEMPLATE = (
     "{{ '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+# The cross-tokenizer teacher's tokenizer is of another family on purpose (Qwen/GPT-2 style against the
+# student's Llama style): no bos (so the two sides differ by one leading token), one <|endoftext|> as
+# eos and pad, digits split one by one (so multi-digit numerals tokenize differently), a smaller
+# vocabulary (so many student tokens are several teacher tokens), ChatML turns.
+XTOK_EOT, XTOK_IM_START, XTOK_IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+XTOK_BPE_VOCAB = 600
+XTOK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}"
+    "{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 # ---------------------------------------------------------------------------------------------------
@@ -366,6 +384,46 @@ def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     )
 
 
+def build_xtok_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    # Offsets not trimmed (as Qwen2's tokenizer.json): a token's offsets cover its leading space.
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=XTOK_BPE_VOCAB,
+        min_frequency=2,
+        special_tokens=[XTOK_EOT, XTOK_IM_START, XTOK_IM_END],  # ids 0..2
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=XTOK_EOT,
+        pad_token=XTOK_EOT,
+        extra_special_tokens=[XTOK_IM_START, XTOK_IM_END],
+        model_max_length=512,
+        chat_template=XTOK_CHAT_TEMPLATE,
+    )
+
+
+@torch.no_grad()
+def nats_per_byte(model, tok, blocks: torch.Tensor, batch: int = 32) -> float:
+    """Held-out loss per UTF-8 byte of the predicted text: comparable across tokenizers, unlike per token.
+    Special tokens (eos) are predicted too but weigh no bytes, the same for every tokenizer here."""
+    model.eval()
+    nats, n_bytes = 0.0, 0
+    for i in range(0, len(blocks), batch):
+        x = blocks[i : i + batch]
+        logits = model(input_ids=x).logits[:, :-1].float()
+        nats += torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="sum").item()
+        n_bytes += sum(len(tok.decode(row[1:], skip_special_tokens=True).encode()) for row in x.tolist())
+    return nats / n_bytes
+
+
 def llama_config(tok, vocab_size: int, hidden: int, inter: int, layers: int, tie: bool) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab_size,
@@ -384,7 +442,8 @@ def llama_config(tok, vocab_size: int, hidden: int, inter: int, layers: int, tie
 
 
 def pack(tok, texts: list[str]) -> torch.Tensor:
-    """bos + text + eos per document, concatenated and cut into BLOCK-token rows (remainder dropped)."""
+    """tok(text) (bos + text, where the tokenizer adds one) + eos per document, concatenated and cut into
+    BLOCK-token rows (remainder dropped)."""
     ids: list[int] = []
     for enc in tok(texts)["input_ids"]:
         ids += enc + [tok.eos_token_id]
@@ -402,8 +461,8 @@ def mean_loss(model, blocks: torch.Tensor, batch: int = 32) -> float:
     return total / len(blocks)
 
 
-def train_teacher(model, train_blocks, eval_blocks, steps=300, batch=16, lr=3e-3, warmup=30):
-    gen = torch.Generator().manual_seed(SEED)
+def train_teacher(model, train_blocks, eval_blocks, steps=300, batch=16, lr=3e-3, warmup=30, seed=SEED):
+    gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps)))
@@ -506,13 +565,58 @@ def main() -> None:
         + ", ".join(f"{k} {v}/{len(world)}" for k, v in recall.items()),
         *[f"teacher greedy: {p!r} -> {c!r}" for p, c in completions],
     ]  # no timings here: they would make README.md differ between otherwise identical builds
-    (ROOT / "README.md").write_text(readme(lines))
+    lines.append(f"teacher held-out loss per byte of text: {nats_per_byte(teacher, tok, eval_blocks):.4f} nats")
+
+    # Last, so that nothing above (random streams included) changes: the files above stay byte-identical.
+    t_xtok = time.time()
+    xtok_lines = build_xtok_teacher(corpus_train, corpus_eval, world)
+    t_xtok = time.time() - t_xtok
+
+    (ROOT / "README.md").write_text(readme(lines, xtok_lines))
     size = folder_size(ROOT)
-    print("\n".join(lines))
-    print(f"tiny_models/: {size / 1e6:.2f} MB; teacher training {t_train:.0f} s, build {time.time() - t0:.0f} s")
+    print("\n".join(lines + xtok_lines))
+    print(
+        f"tiny_models/: {size / 1e6:.2f} MB; teacher training {t_train:.0f} s, teacher_xtok (tokenizer + "
+        f"training) {t_xtok:.0f} s, build {time.time() - t0:.0f} s"
+    )
 
 
-def readme(results: list[str]) -> str:
+def build_xtok_teacher(corpus_train: list[str], corpus_eval: list[str], world: list[dict]) -> list[str]:
+    """teacher_xtok/: the same world learned through another tokenizer; returns its README lines."""
+    torch.manual_seed(SEED + 1)
+    tok = build_xtok_tokenizer(corpus_train)
+    vocab = -(-len(tok) // 64) * 64
+    train_blocks, eval_blocks = pack(tok, corpus_train), pack(tok, corpus_eval)
+    # 4 x 128 like the teacher, but a narrower MLP and tied embeddings: under 3 MB in float32.
+    config = llama_config(tok, vocab, 128, 256, 4, tie=True)
+    config.bos_token_id = None
+    model = LlamaForCausalLM(config)
+    train_teacher(model, train_blocks, eval_blocks, steps=400, seed=SEED + 1)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(ROOT / "teacher_xtok")
+    tok.save_pretrained(ROOT / "teacher_xtok")
+    eval_loss = mean_loss(model, eval_blocks)
+    recall = {
+        k: sum(greedy(model, tok, c.format(**f), 6).strip().startswith(f[k]) for f in world) for k, c in CLOZE.items()
+    }
+    n_params = sum(p.numel() for p in model.parameters())
+    return [
+        (
+            f"teacher_xtok: LlamaForCausalLM, 4 layers x hidden 128 (intermediate 256, 4 heads, 2 KV heads), "
+            f"vocab {vocab} (tokenizer {len(tok)}), tied, {n_params:,} parameters, 400 steps"
+        ),
+        f"teacher_xtok tokens: {train_blocks.numel()} train / {eval_blocks.numel()} eval",
+        (
+            f"teacher_xtok held-out loss per token {eval_loss:.3f} (perplexity {math.exp(eval_loss):.2f}), "
+            f"per byte of text {nats_per_byte(model, tok, eval_blocks):.4f} nats"
+        ),
+        "teacher_xtok greedy fact recall (cloze prompts, out of 20 countries): "
+        + ", ".join(f"{k} {v}/{len(world)}" for k, v in recall.items()),
+        f"teacher_xtok greedy: '7 plus 5 is' -> {greedy(model, tok, '7 plus 5 is')!r}",
+    ]
+
+
+def readme(results: list[str], xtok_results: list[str]) -> str:
     return f"""# tiny_models
 
 Built by `python scripts/build_tiny_models.py`, which rewrites this folder. Do not edit by hand.
@@ -536,6 +640,8 @@ plus arithmetic, counting and short template stories. No third-party text is use
 - `data/prompts.jsonl` - `{{"prompt": ...}}` for generation.
 - `data/world.jsonl` - the facts themselves (ground truth for checks).
 - `teacher/`, `student/` - `save_pretrained` folders (safetensors, float32) with identical tokenizer files.
+- `teacher_xtok/` - a second trained teacher of the same world, with another tokenizer (see below): the
+  cross-tokenizer distillation pair is `teacher_xtok/` -> `student/`.
 
 ## Tokenizer (same files in teacher/ and student/)
 
@@ -567,9 +673,25 @@ Determinism: seeded throughout and single-threaded; a rebuild with the same libr
 reproduces every file, this README included, byte for byte (checked: two builds, identical sha256 of
 every file). Another CPU or torch version may round the teacher's training differently.
 
+## The cross-tokenizer teacher (teacher_xtok/)
+
+Trained on the same corpus_train, with its own tokenizer of another family (Qwen/GPT-2 style where the
+student's is Llama style), so that every difference a real cross-family pair has shows up here:
+
+- byte-level BPE with {XTOK_BPE_VOCAB} requested tokens (fewer than the student's, so many student tokens are
+  several teacher tokens), digits pre-split one by one (`13` is `1`, `3`; the student has `13`);
+- no bos: `tok(text)` adds nothing (the student prepends `<s>`); `<|endoftext|>`=0 is eos and pad;
+- ChatML turns: `<|im_start|>`=1 role\\n content `<|im_end|>`=2 \\n, no system default, assistant
+  content and `<|im_end|>` in `{{% generation %}}`;
+- offsets not trimmed (a token's offsets include its leading space), as Qwen2's tokenizer.json.
+
+The model is trained on text only (documents joined by `<|endoftext|>`), like the tiny teacher.
+
 ## Build results
 
 {chr(10).join("- " + line for line in results)}
+
+{chr(10).join("- " + line for line in xtok_results)}
 """
 
 

@@ -164,3 +164,54 @@ def test_chat_template_writes_one_bos_and_marks_assistant_content_plus_eos(tok):
 
 def test_tiny_models_folder_is_under_20_mb():
     assert sum(p.stat().st_size for p in ROOT.rglob("*") if p.is_file()) < 20e6
+
+
+# --- teacher_xtok: the same world through another tokenizer ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def xtok():
+    return AutoTokenizer.from_pretrained(ROOT / "teacher_xtok")
+
+
+@torch.no_grad()
+def nats_per_byte(model, tok, texts: list[str]) -> float:
+    """Held-out loss per byte of the text each predicted token stands for (special tokens weigh
+    nothing): comparable across tokenizers, unlike a loss per token."""
+    from distill.xtoken import token_bytes
+
+    size = [len(b or b"") for b in token_bytes(tok)]
+    nats, n_bytes = 0.0, 0
+    for text in texts:
+        ids = torch.tensor([tok(text)["input_ids"] + [tok.eos_token_id]])
+        logits = model(input_ids=ids).logits[0, :-1, : len(tok)].float()
+        nats += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        n_bytes += sum(size[i] for i in ids[0, 1:].tolist())
+    return nats / n_bytes
+
+
+def test_teacher_xtok_tokenizer_differs_from_the_students_in_bos_digits_and_markup(tok, xtok):
+    assert xtok.get_vocab() != tok.get_vocab() and len(xtok) < len(tok)
+    assert (
+        xtok.bos_token_id is None
+        and xtok("Zorvia")["input_ids"] == xtok("Zorvia", add_special_tokens=False)["input_ids"]
+    )
+    assert xtok.convert_ids_to_tokens(xtok(" 13", add_special_tokens=False)["input_ids"]) == ["Ġ", "1", "3"]
+    assert xtok.eos_token == xtok.pad_token == "<|endoftext|>"
+    chat = xtok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
+    assert chat == "<|im_start|>user\nHi<|im_end|>\n"
+    assert xtok.is_fast
+
+
+def test_teacher_xtok_knows_the_world_about_as_well_as_the_teacher(tok, xtok, teacher, student):
+    """Per byte of held-out text, within 15% of the teacher and far below the untrained student."""
+    texts = [row["text"] for row in read_jsonl("corpus_eval.jsonl")]
+    model = AutoModelForCausalLM.from_pretrained(ROOT / "teacher_xtok").eval()
+    assert model.config.vocab_size == math.ceil(len(xtok) / 64) * 64 and model.config.bos_token_id is None
+    ours, theirs = nats_per_byte(model, xtok, texts), nats_per_byte(teacher, tok, texts)
+    assert ours < 1.15 * theirs
+    assert ours < 0.2 * nats_per_byte(student, tok, texts)
+
+
+def test_teacher_xtok_is_under_3_mb():
+    assert sum(p.stat().st_size for p in (ROOT / "teacher_xtok").rglob("*") if p.is_file()) < 3e6
