@@ -1,6 +1,17 @@
 """Teacher on a vLLM server vs the teacher in this process: scoring throughput and the trainer's step time.
 
-    python benchmarks/teacher_server.py [--batches 8] [--steps 10] [--server-batch-size 8]
+    python benchmarks/teacher_server.py [--batches 8] [--steps 10] [--server-batch-size 8] [--parse-only]
+
+First, with no server (the only part with --parse-only):
+
+  parsing  : what the trainer does with a served answer at scale: TeacherServer.score on a batch of 8 x 2048
+             tokens at k = 64, answered with a synthetic vLLM answer in the exact JSON that vLLM's server
+             sends (compact, as its JSON response writes it; keys and shapes as in
+             tests/data/vllm_0.32.0_prompt_logprobs.json; a 128,256-id vocabulary, as Llama 3's; the actual
+             token's extra entry at half the positions; decoded tokens with quotes, backslashes and non-ASCII).
+             Timed: reading the bytes (orjson, as TeacherServer._once) + score, median of --parse-repeats.
+             Its share is of the time a server takes to score the batch, assumed: an 8B teacher on one H100,
+             2 x 8e9 x 16,384 FLOPs at 40% of 989 TFLOP/s = 0.66 s. Goal: under 10%.
 
 The tiny pair (tiny_models/teacher -> tiny_models/student), packed text of tiny_models/data/corpus_train.jsonl,
 batches of 16 x 128 tokens, top-8 targets at temperature 1. In one process:
@@ -38,6 +49,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import orjson
 import torch
 from transformers import TrainerCallback
 
@@ -61,6 +74,103 @@ VOCAB, TEACHER_VOCAB = 902, 960  # the tiny pair: shared ids, the teacher's (pad
 _spec = importlib.util.spec_from_file_location("serve_vllm_cpu", ROOT / "scripts" / "serve_vllm_cpu.py")
 serving = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(serving)
+
+
+PARSE_ROWS, PARSE_LENGTH, PARSE_K, PARSE_VOCAB = 8, 2048, 64, 128_256
+TEACHER_PARAMS, GPU_FLOPS, MFU = 8e9, 989e12, 0.4  # an 8B teacher; H100 SXM dense bf16; a fair utilisation
+SERVER_SCORING_S = 2 * TEACHER_PARAMS * PARSE_ROWS * PARSE_LENGTH / (GPU_FLOPS * MFU)
+
+
+def vllm_answer(rows: int, length: int, k: int, vocab: int, seed: int = 0) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """(the JSON vLLM's /v1/completions sends for ``rows`` prompts of ``length`` tokens with prompt_logprobs k,
+    the prompts, the most likely id at each position 1..): k entries ranked 1..k per position, and at half
+    the positions the actual token's entry, ranked beyond k, first (as vLLM puts it)."""
+    rng = np.random.default_rng(seed)
+    alphabet = np.array(list("abcdefghijklmnopqrstuvwxyz    ABCDEFG.,;:'\"\\éü漢-_0123456789"))
+    tokens = ["".join(rng.choice(alphabet, rng.integers(1, 9))) for _ in range(vocab)]
+    decoded = [json.dumps(t, ensure_ascii=False) for t in tokens]  # as vLLM's response writes strings
+    ids = rng.permutation(vocab)
+    prompts = rng.integers(0, vocab, (rows, length))
+    choices, best = [], np.empty((rows, length - 1), np.int64)
+    for r in range(rows):
+        x = np.sort(rng.standard_normal((length - 1, k + 1)) * 2.5, axis=1)[:, ::-1]
+        # float32 log-probabilities, written as Python floats: vLLM's; the k + 1 listed hold 95% of the mass
+        lp = (x - np.log(np.exp(x).sum(1, keepdims=True)) + np.log(0.95)).astype(np.float32).tolist()
+        extra = rng.random(length - 1) < 0.5
+        ranks = rng.integers(k + 1, vocab, length - 1).tolist()
+        positions = ["null"]
+        for p in range(length - 1):
+            start = (r * length + p) * (k + 1) % (vocab - k - 1)
+            window = ids[start : start + k + 1].tolist()
+            best[r, p] = window[0]
+            entries = [
+                f'"{window[i]}":{{"logprob":{lp[p][i]!r},"rank":{i + 1},"decoded_token":{decoded[window[i]]}}}'
+                for i in range(k)
+            ]
+            if extra[p]:
+                entries.insert(0, f'"{window[k]}":{{"logprob":{lp[p][k]!r},"rank":{ranks[p]},'
+                                  f'"decoded_token":{decoded[window[k]]}}}')  # fmt: skip
+            positions.append("{" + ",".join(entries) + "}")
+        choices.append(
+            f'{{"index":{r},"text":",","logprobs":null,"finish_reason":"length","stop_reason":null,'
+            f'"token_ids":null,"prompt_logprobs":[{",".join(positions)}],"prompt_token_ids":null,"routed_experts":null}}'
+        )
+    head = '{"id":"cmpl-0","object":"text_completion","created":0,"model":"teacher","choices":['
+    usage = {"prompt_tokens": rows * length, "total_tokens": rows * (length + 1), "completion_tokens": rows,
+             "prompt_tokens_details": None, "completion_tokens_details": None}  # fmt: skip
+    rest = {"service_tier": None, "system_fingerprint": None, "usage": usage, "kv_transfer_params": None,
+            "ec_transfer_params": None, "metrics": None}  # fmt: skip
+    tail = "]," + json.dumps(rest, separators=(",", ":"))[1:]
+    return (head + ",".join(choices) + tail).encode(), prompts, best
+
+
+class Answered(TeacherServer):
+    """The client with the HTTP exchange replaced by one answer's bytes, read as ``_once`` reads them."""
+
+    def __init__(self, raw: bytes, k: int, vocab: int):
+        super().__init__("http://answered", batch_size=PARSE_ROWS)
+        self.raw, self.model, self.k, self.n, self.vocab, self.teacher_vocab = raw, "teacher", k, k, vocab, vocab
+
+    def _once(self, path, body=None, timeout=None):
+        return orjson.loads(self.raw)
+
+
+def time_parsing(repeats: int) -> dict:
+    """Seconds per batch of reading a served answer into top-k targets, at k = 64, 8 x 2048 tokens."""
+    raw, prompts, best = vllm_answer(PARSE_ROWS, PARSE_LENGTH, PARSE_K, PARSE_VOCAB)
+    ids = torch.from_numpy(prompts)
+    labels = ids.clone()
+    labels[:, 0] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    server, times = Answered(raw, PARSE_K, PARSE_VOCAB), []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        scored = server.score(batch)
+        times.append(time.perf_counter() - start)
+    assert (scored.targets.ids[:, :-1, 0].numpy() == best).all(), "the targets are not the answer's top ids"
+    seconds = statistics.median(times)
+    return {
+        "answer_mb": len(raw) / 1e6,
+        "target_tokens": int(best.size),
+        "parse_s_per_batch": seconds,
+        "parse_us_per_target_token": seconds / best.size * 1e6,
+        "assumed_server_scoring_s": SERVER_SCORING_S,
+        "parse_share_of_server_scoring": seconds / SERVER_SCORING_S,
+        "repeats": repeats,
+    }
+
+
+def print_parsing(p: dict) -> None:
+    print(f"\n{'served answer -> top-k targets, k=64, 8 x 2048 tokens':56} {'s/batch':>9} {'us/token':>9} {'share':>7}")
+    what = f"TeacherServer.score, a {p['answer_mb']:.0f} MB vLLM answer"
+    print(f"{what:56} "
+          f"{p['parse_s_per_batch']:>9.3f} {p['parse_us_per_target_token']:>9.1f} "
+          f"{p['parse_share_of_server_scoring']:>7.1%}")  # fmt: skip
+    print(
+        f"share: of {SERVER_SCORING_S:.2f} s, an assumed server scoring time (8B teacher, one H100: 2 x 8e9 x "
+        f"16,384 FLOPs at {MFU:.0%} of 989 TFLOP/s); goal under 10%. Median of {p['repeats']}; "
+        f"{os.cpu_count()} cores, shared"
+    )
 
 
 def group_cpu_seconds(pgid: int) -> float:
@@ -213,7 +323,15 @@ def main():
     parser.add_argument("--batches", type=int, default=8, help="scored batches, after one warm-up batch")
     parser.add_argument("--steps", type=int, default=10, help="timed trainer steps, after one warm-up step")
     parser.add_argument("--server-batch-size", type=int, default=8, help="rows per request to the server")
+    parser.add_argument("--parse-repeats", type=int, default=3, help="timed parses of the 8 x 2048 answer")
+    parser.add_argument("--parse-only", action="store_true", help="time parsing only: no vLLM, no models")
     args = parser.parse_args()
+
+    parsing = time_parsing(args.parse_repeats)
+    if args.parse_only:
+        print_parsing(parsing)
+        print(json.dumps({"benchmark": "teacher_server_parse", "cpu_cores": os.cpu_count(), "results": parsing}))
+        return
 
     tokenizer = load_tokenizer(STUDENT)
     data, _ = build_datasets(DataArguments(dataset=DATA, max_length=MAX_LENGTH, eval_fraction=0), tokenizer)
@@ -278,6 +396,7 @@ def main():
         "top1_max_abs_logprob_diff": max_diff,
         "top1_max_abs_logprob_diff_pad_mass_removed": max_diff_shifted,
         "other_vllm_processes_seen": len(others),
+        "parsing": parsing,
     }
     versions = {
         "torch": torch.__version__,
@@ -309,6 +428,7 @@ def main():
         f"rows/request. On this {os.cpu_count()}-core CPU box the server and the trainer share the same cores: the "
         "server path is pessimistic"
     )
+    print_parsing(parsing)
     if others:
         print(f"WARNING: {len(others)} other vLLM process(es) ran during the benchmark and shared the cores")
     print(

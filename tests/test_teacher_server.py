@@ -10,7 +10,9 @@ import json
 import subprocess
 import sys
 import threading
-import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -123,28 +125,68 @@ def test_the_server_scores_the_students_own_samples_on_policy(tmp_path, server):
     assert report["flops"]["student_generation"] > 0
 
 
+class KillingProxy:
+    """An HTTP proxy on 127.0.0.1 to the real server that kills it at the first request made once
+    ``due()`` is true, and from then on drops every request unanswered (as a dead server's port
+    would): the server dies between two requests of the run, whatever the machine's speed."""
+
+    def __init__(self, url: str, process, due):
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self._forward(None)
+
+            def do_POST(self):
+                self._forward(self.rfile.read(int(self.headers["Content-Length"])))
+
+            def _forward(self, body):
+                with outer.lock:
+                    if due():
+                        serving.stop(process)  # idempotent: the fixture stops it again
+                request = urllib.request.Request(url + self.path, body, {"Content-Type": "application/json"})
+                try:
+                    with urllib.request.urlopen(request, timeout=300) as answer:
+                        status, data = answer.status, answer.read()
+                except urllib.error.HTTPError as err:
+                    status, data = err.code, err.read()
+                except (urllib.error.URLError, ConnectionError):
+                    return  # the server is dead: the client's connection closes with no answer
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.lock = threading.Lock()
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.http.shutdown()
+        self.http.server_close()
+
+
 def test_a_server_killed_mid_run_stops_the_run_with_how_to_resume(tmp_path, server):
-    """Last in this module: it kills the module's server. The run retries, stops with exit 1 and the
-    resume command, and its last checkpoint is whole."""
+    """Last in this module: it kills the module's server, at the first request after checkpoint-2 is
+    whole. The run retries, stops with exit 1 and the resume command, and its last checkpoint is whole."""
     process, url = server
     out = tmp_path / "out"
-
-    def kill_after_the_first_checkpoint():
-        deadline = time.monotonic() + 300
-        while not (out / "checkpoint-2" / "trainer_state.json").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        serving.stop(process)
-
-    killer = threading.Thread(target=kill_after_the_first_checkpoint, daemon=True)
-    killer.start()
-    command = [sys.executable, "-m", "distill.cli", "train", RECIPE, *SMALL, "--teacher_server", url,
+    proxy = KillingProxy(url, process, due=lambda: (out / "checkpoint-2" / "trainer_state.json").exists())
+    command = [sys.executable, "-m", "distill.cli", "train", RECIPE, *SMALL, "--teacher_server", proxy.url,
                "--max_steps", "40", "--save_steps", "2", "--teacher_server_retries", "1", "--output_dir", str(out)]  # fmt: skip
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    killer.join()
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    finally:
+        proxy.close()
     assert proc.returncode == 1, proc.stderr[-3000:]
     # Progress bars share stderr and may be drawn after the message: find it by its prefix.
     last = next(line for line in proc.stderr.replace("\r", "\n").splitlines() if "distill train: stopped:" in line)
-    assert "the teacher server at" in last and "did not answer after 2 attempts" in last, last
+    assert f"the teacher server at {proxy.url}" in last and "did not answer after 2 attempts" in last, last
     checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     assert checkpoints and f"--resume_from_checkpoint {checkpoints[-1]}" in last
     assert train.resume_checkpoint(type("C", (), {"resume_from_checkpoint": str(checkpoints[-1]),

@@ -11,11 +11,11 @@ import math
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import Future
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,6 +107,53 @@ def test_the_recorded_answer_becomes_top_k_targets_in_rank_order(stand_in):
     assert scored.lengths == [4, 2]
 
 
+def answers(seed: int, positions: int = 300) -> list[dict]:
+    """Position answers as vLLM shapes them, in all the variety the pick must get right: 3 to 9 entries,
+    ids of the teacher's padded vocabulary (>= 902) among them, the actual token's entry ranked far
+    beyond, a rank that is null, ties, and entries in no particular order."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(positions):
+        m = int(rng.integers(3, 10))
+        shared = rng.choice(902, 3, replace=False)  # at least k ids the student has, ranked 1..3
+        ids = shared.tolist() + rng.choice(np.setdiff1d(np.arange(960), shared), m - 3, replace=False).tolist()
+        probs = rng.dirichlet(np.ones(m)) * rng.uniform(0.5, 1.0)
+        if rng.random() < 0.3:  # ties
+            probs = np.full(m, probs.mean())
+        ranks = list(range(1, m + 1))
+        if rng.random() < 0.3:
+            ranks[int(rng.integers(m))] = None
+        if m > 3 and rng.random() < 0.3:  # the actual token's entry, beyond any n asked
+            ranks[-1] = int(rng.integers(70, 900))
+        entry = {str(i): {"logprob": math.log(p), "rank": r} for i, p, r in zip(ids, probs, ranks)}
+        out.append(dict(sorted(entry.items(), key=lambda _: rng.random())))
+    return out
+
+
+@pytest.mark.parametrize("n", [3, 61], ids=["asked-k", "asked-k-plus-the-padded-ids"])
+@pytest.mark.parametrize("seed", range(5))
+def test_the_fast_pick_is_the_reference_pick(seed, n):
+    """topk_all (flat arrays, all positions at once) against topk (one position at a time): the same
+    ids in the same order, the same log-probabilities, the same tail; or both ask for more."""
+    server = client("http://127.0.0.1:9")
+    server.n = 61  # k + the tiny teacher's 58 padded ids, as check() sets it
+    entries = answers(seed)
+    fast, reference = server.topk_all(entries, n), server._topk_each(entries, n)
+    assert (fast is None) == (reference is None)
+    if fast is not None:
+        assert (fast[1] == reference[1]).all() and (fast[0] == reference[0]).all()
+        np.testing.assert_allclose(fast[2], reference[2], rtol=1e-12, atol=1e-12)
+
+
+def test_the_fast_pick_asks_for_more_where_the_reference_does():
+    """A position whose top 3 hold a padded id (>= 902): with n = k there are 2 shared ids, ask again."""
+    server = client("http://127.0.0.1:9")
+    server.n = 61
+    entries = answers(0, 20) + [{"19": {"logprob": -1.0, "rank": 1}, "950": {"logprob": -1.5, "rank": 2},
+                                 "17": {"logprob": -2.0, "rank": 3}}]  # fmt: skip
+    assert server._topk_each(entries, 3) is None and server.topk_all(entries, 3) is None
+
+
 @pytest.mark.parametrize(
     "break_it,what",
     [
@@ -154,16 +201,63 @@ def test_a_server_that_keeps_failing_stops_after_its_retries(stand_in):
 
 
 def test_a_request_that_times_out_is_retried(stand_in):
-    slow = iter([True, False])
+    """The first request is never answered (until the test ends): the client stops waiting after its
+    timeout and asks again. The timeout need only cover the stand-in's answer to the second request."""
+    unanswered, released = iter([True, False]), threading.Event()
 
     def complete(body):
-        if next(slow):
-            time.sleep(1.5)
+        if next(unanswered):
+            released.wait()
         return 200, RECORDED
 
     stand_in.complete = complete
-    scored = client(stand_in.url, timeout=0.5, retries=1).score(batch([[263, 81, 81, 84], [268, 290]]))
+    try:
+        scored = client(stand_in.url, timeout=3.0, retries=1).score(batch([[263, 81, 81, 84], [268, 290]]))
+    finally:
+        released.set()
     assert len(stand_in.calls) == 2 and scored.targets.ids[0, 0].tolist() == [19, 265, 17]
+
+
+def test_once_a_request_has_spent_its_retries_the_others_fail_at_once(stand_in):
+    """The run stops at the first ServerError: requests still queued (the next batches') do not spend
+    their own retries on the dead server."""
+    stand_in.complete = lambda body: (503, {"error": {"message": "engine dead"}})
+    server = client(stand_in.url, retries=1)
+    with pytest.raises(ServerError, match="did not answer after 2 attempts"):
+        server.score(batch([[263, 81, 81, 84], [268, 290]]))
+    with pytest.raises(ServerError, match="did not answer after 2 attempts .*engine dead"):
+        server.submit(batch([[263, 81, 81, 84], [268, 290]])).result()
+    assert len(stand_in.calls) == 2
+
+
+def test_a_request_still_waiting_on_the_server_does_not_keep_the_process_alive(stand_in):
+    """A fresh interpreter submits a batch to a server that never answers (timeout: an hour) and
+    returns from its main thread: it exits at once, not when the request gives up."""
+    arrived, released = threading.Event(), threading.Event()
+
+    def complete(body):
+        arrived.set()
+        released.wait()
+        return 200, RECORDED
+
+    stand_in.complete = complete
+    script = (
+        "import sys, torch\nfrom distill.teacher_server import TeacherServer\n"
+        f"server = TeacherServer({stand_in.url!r}, timeout=3600.0, retries=5)\n"
+        f"server.model, server.k, server.n, server.vocab, server.teacher_vocab = {TEACHER!r}, 3, 3, 902, 960\n"
+        "ids = torch.tensor([[263, 81, 81, 84]])\n"
+        "server.submit({'input_ids': ids, 'attention_mask': ids.ne(0).long(), 'labels': ids})\n"
+        "sys.stdin.read()\n"  # until the test has seen the request arrive
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, cwd=ROOT)
+    try:
+        assert arrived.wait(timeout=300), "the request never reached the stand-in"
+        proc.stdin.close()
+        assert proc.wait(timeout=300) == 0
+    finally:
+        released.set()
+        proc.kill()
+        proc.wait()
 
 
 def test_a_tail_with_no_mass_left_is_floored_not_impossible(stand_in):
@@ -190,6 +284,37 @@ def test_a_dataloader_worker_scores_its_batches_there(stand_in):
     assert not isinstance(in_worker["teacher_request"], Future)
     for a, b in zip(in_worker["teacher_request"].result().targets, here.targets, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_a_server_error_in_a_dataloader_worker_stops_the_step_with_how_to_resume(tmp_path, tokenizer):
+    """With dataloader workers the request is made in the worker; when the server dies there, the run
+    stops at a step with the trainer's advice (the last checkpoint), not with torch's wrapped traceback
+    from the worker. The stand-in scores every prompt alike, then dies once checkpoint-2 is whole."""
+    out = tmp_path / "out"
+    stand_in = StandIn(tokenizer)
+
+    def complete(body):
+        if (out / "checkpoint-2" / "trainer_state.json").exists():
+            return 503, {"error": {"message": "engine dead"}}
+        entries = {str(t): {"logprob": math.log(p), "rank": r + 1} for r, (t, p) in enumerate([(11, 0.5), (12, 0.3)])}
+        entries["13"] = {"logprob": math.log(0.1), "rank": 3}
+        rows = [[None] + [entries] * (len(prompt) - 1) for prompt in body["prompt"]]
+        return 200, {"choices": [{"index": i, "prompt_logprobs": row} for i, row in enumerate(rows)]}
+
+    stand_in.complete = complete
+    try:
+        with pytest.raises(ServerError) as err:
+            train.run(str(ROOT / "recipes" / "tiny_cpu.yaml"), [
+                "--teacher_server", stand_in.url, "--teacher_top_k", "3", "--teacher_server_retries", "0",
+                "--dataloader_num_workers", "1", "--per_device_train_batch_size", "4", "--max_steps", "50",
+                "--save_steps", "1", "--max_eval_samples", "4", "--output_dir", str(out),
+            ])  # fmt: skip
+    finally:
+        stand_in.close()
+    last = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    message = str(err.value)
+    assert message.startswith("step ") and "did not answer after 1 attempts" in message, message
+    assert message.endswith(f"resume from the last checkpoint with --resume_from_checkpoint {last}"), message
 
 
 def test_the_check_says_which_max_logprobs_to_restart_with(stand_in, tokenizer):
@@ -219,7 +344,7 @@ def test_a_server_that_does_not_answer_is_one_line_before_any_model_loads(tmp_pa
         f"sys.exit(main(['train', 'recipes/tiny_cpu.yaml', '--teacher_server', 'http://127.0.0.1:9', "
         f"'--output_dir', {str(tmp_path / 'out')!r}]))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "teacher_server http://127.0.0.1:9 does not answer" in lines[0]
