@@ -11,14 +11,16 @@ from distill.recipe import check_quickly
 
 
 def _recipe_job(args, rest):
-    """train, finetune, generate: a recipe (+ --key value overrides) into the job module's `run`."""
+    """train, finetune, generate, prune: a recipe (+ --key value overrides) into the job module's `run`."""
     if args.help_keys:
         from distill.recipe import describe
 
         print(describe(importlib.import_module(f"distill.{args.module}").ARGUMENTS))
         return
     # Before the job module imports torch and transformers (seconds): a bad recipe fails at once.
-    check_quickly(args.module, args.recipe, rest)
+    # (prune's keys are not in distill.recipe_keys yet: its run() checks them before any model loads.)
+    if args.module != "prune":
+        check_quickly(args.module, args.recipe, rest)
     importlib.import_module(f"distill.{args.module}").run(args.recipe, rest)
 
 
@@ -86,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_parser(
         sub, "generate", "generate", "write the teacher's completions for a prompt file (sequence-level KD data)"
     )
+
+    _recipe_parser(sub, "prune", "prune", "cut a smaller student out of the teacher (depth and width), to distill")
 
     p = sub.add_parser("eval", help="teacher vs student on held-out data: quality, speed and cost, with plots")
     p.add_argument("--teacher", required=True, help="teacher: model dir, .gguf file or hub id")
