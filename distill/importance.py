@@ -76,8 +76,10 @@ class _Sums:
         self.tokens = 0
 
     def weighted(self, x: torch.Tensor) -> torch.Tensor:
-        """sum over real tokens of x [B, T, ...] -> [...], as one matrix-vector product."""
-        flat = x.reshape(-1, *x.shape[2:]).float()
+        """sum over real tokens of x [B, T, ...] -> [...], as one matrix-vector product. In x's own
+        dtype: an fp32 copy of a bf16 MLP activation would double the largest tensor of the forward
+        (the product accumulates in fp32 on GPUs; each batch's sum is rounded once, to bf16)."""
+        flat = x.reshape(-1, *x.shape[2:])
         return torch.tensordot(self.mask.to(flat.dtype), flat, dims=1).double()
 
     def cos_sum(self, a: torch.Tensor, b: torch.Tensor, angular: bool = False) -> torch.Tensor:
@@ -103,7 +105,9 @@ class _Sums:
 
             def on_o(module, args, i=i):
                 x = args[0]
-                per_head = x.reshape(*x.shape[:2], self.heads_n, self.head_dim).float().norm(dim=-1)
+                per_head = torch.linalg.vector_norm(
+                    x.reshape(*x.shape[:2], self.heads_n, self.head_dim), dim=-1, dtype=torch.float32
+                )
                 self.heads[i] += self.weighted(per_head)
 
             def on_norm(module, args, output):
