@@ -10,7 +10,7 @@ from distill.errors import NonFiniteError, ServerError, UserError
 
 
 def _recipe_job(args, rest):
-    """train, finetune, generate: a recipe (+ --key value overrides) into the job module's `run`."""
+    """train, finetune, generate, prune: a recipe (+ --key value overrides) into the job module's `run`."""
     if args.help_keys:
         from distill.recipe import describe
 
@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_parser(
         sub, "generate", "generate", "write the teacher's completions for a prompt file (sequence-level KD data)"
     )
+
+    _recipe_parser(sub, "prune", "prune", "cut a smaller student out of the teacher (depth and width), to distill")
 
     p = sub.add_parser("eval", help="teacher vs student on held-out data: quality, speed and cost, with plots")
     p.add_argument("--teacher", required=True, help="teacher: model dir, .gguf file or hub id")

@@ -9,7 +9,7 @@ import transformers.training_args
 import yaml
 
 import distill.config
-from distill import finetune, generate, train
+from distill import finetune, generate, prune, train
 from distill.errors import UserError
 from distill.recipe import parse
 
@@ -22,6 +22,7 @@ JOBS = {
     "distill generate": generate.ARGUMENTS,
     "distill finetune": finetune.ARGUMENTS,
     "scripts/finetune.py": finetune.ARGUMENTS,
+    "distill prune": prune.ARGUMENTS,
 }
 
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
