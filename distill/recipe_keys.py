@@ -9,7 +9,7 @@ here; under another version `check_quickly` leaves the keys it does not know to 
 """
 
 # fmt: off
-TRANSFORMERS = "5.24.0"
+TRANSFORMERS = "5.25.0"
 JOBS = {
     "train": {
         "model_name_or_path": ("str|None", None),
@@ -163,6 +163,9 @@ JOBS = {
         "teacher_server_timeout": ("float", 60.0),
         "teacher_server_batch_size": ("int", 8),
         "teacher_server_retries": ("int", 5),
+        "hidden_loss_weight": ("float", 0.0),
+        "hidden_loss_type": ("str", None),
+        "hidden_layer_map": ("str|None", None),
         "lmbda": ("float", 0.0),
         "max_new_tokens": ("int", 64),
         "generation_temperature": ("float", 1.0),
