@@ -162,6 +162,12 @@ class DistillTrainer(MeteredTrainer):
         pairs = layer_pairs(self.args.hidden_layer_map, folder, student.num_hidden_layers, teacher.num_hidden_layers)
         report = prune_report(folder)
         kept = report["kept"]["hidden_size"] if report else None
+        if student.hidden_size != teacher.hidden_size and sharding(self.accelerator) is not None:
+            # The projection trains outside the sharded student, which these engines do not provide for.
+            raise UserError(
+                "hidden_loss_weight > 0 with a student narrower than its teacher trains a projection beside the "
+                "student, which is not implemented under FSDP or ZeRO-3 yet; train with DDP or one process"
+            )
         term = HiddenStateLoss(pairs, student.hidden_size, teacher.hidden_size, self.args.hidden_loss_type, kept)
         return term.to(self.args.device)
 
