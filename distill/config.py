@@ -23,6 +23,8 @@ from transformers import TrainingArguments
 from transformers.utils import is_torch_bf16_gpu_available
 
 from distill.errors import UserError
+from distill.hidden import LOSS_TYPES as HIDDEN_LOSS_TYPES
+from distill.hidden import parse_layer_map
 from distill.losses import LOSS_TYPES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -294,7 +296,8 @@ class FinetuneConfig(RunArguments, TrainingArguments):
 
 @dataclass
 class DistillConfig(RunArguments, TrainingArguments):
-    """`TrainingArguments` plus the distillation knobs. Loss: alpha * T^2 * D(teacher, student) + (1 - alpha) * CE."""
+    """`TrainingArguments` plus the distillation knobs. Loss: alpha * T^2 * D(teacher, student) + (1 - alpha) * CE
+    + hidden_loss_weight * hidden (distill.hidden)."""
 
     teacher_model_name_or_path: str | None = field(
         default=None,
@@ -381,6 +384,30 @@ class DistillConfig(RunArguments, TrainingArguments):
         metadata={
             "help": "Retries of a failed request to teacher_server, 1, 2, 4, ... seconds apart, before the run "
             "stops (resumable from its last checkpoint)."
+        },
+    )
+    hidden_loss_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the hidden-state term (distill.hidden): the loss becomes alpha * KD + (1 - alpha) * CE "
+            "+ hidden_loss_weight * hidden, where hidden compares the outputs of the student's layers with the "
+            "teacher layers hidden_layer_map pairs them with, on the target tokens. 0 = off. Needs the teacher "
+            "model in this process (not teacher_cache or teacher_server, which give no hidden states)."
+        },
+    )
+    hidden_loss_type: str = field(
+        default="mse",
+        metadata={
+            "help": "The hidden-state term per token: mse = mean squared difference over the teacher's channels; "
+            "cosine = 1 - cosine similarity. A learned projection (student width -> teacher width) comes in when "
+            "the widths differ."
+        },
+    )
+    hidden_layer_map: str | None = field(
+        default=None,
+        metadata={
+            "help": 'Which layers the hidden-state term pairs, "student_layer:teacher_layer,..." (e.g. "0:0,1:5,2:11", '
+            "indices from 0). Unset: the layer_map of the student folder's prune_report.json (`distill prune`)."
         },
     )
     remove_unused_columns: bool = field(
@@ -480,6 +507,21 @@ class DistillConfig(RunArguments, TrainingArguments):
         if not 0.0 <= self.beta <= 1.0:
             raise UserError(f"beta must be in [0, 1], got {self.beta}")
         _check_dtype("teacher_dtype", self.teacher_dtype)
+        if not self.hidden_loss_weight >= 0:
+            raise UserError(f"hidden_loss_weight must be >= 0 (0 = off), got {self.hidden_loss_weight}")
+        if self.hidden_loss_type not in HIDDEN_LOSS_TYPES:
+            raise UserError(
+                f"unknown hidden_loss_type {self.hidden_loss_type!r}; choose one of {', '.join(HIDDEN_LOSS_TYPES)}"
+            )
+        if self.hidden_layer_map is not None:
+            parse_layer_map(self.hidden_layer_map)
+        if self.hidden_loss_weight > 0 and (self.teacher_cache or self.teacher_server):
+            source = "teacher_cache" if self.teacher_cache else "teacher_server"
+            raise UserError(
+                f"hidden_loss_weight > 0 needs the teacher's hidden states, and {source} gives only its top-k "
+                "targets: load the teacher here (teacher_model_name_or_path, no teacher_cache or teacher_server) "
+                "or set hidden_loss_weight: 0"
+            )
         if not 0.0 <= self.lmbda <= 1.0:
             raise UserError(f"lmbda must be in [0, 1] (the on-policy fraction of batches), got {self.lmbda}")
         if self.lmbda > 0:

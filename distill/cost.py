@@ -144,6 +144,7 @@ class CostCallback(TrainerCallback, ExportableState):
         teacher_cache: dict | None = None,
         teacher_server: str | None = None,
         generation_server: str | None = None,
+        prune: dict | None = None,
     ):
         self.meter = FlopMeter()
         self.peak_tflops = peak_tflops  # as given; None: detected at train begin, again after a resume
@@ -151,6 +152,7 @@ class CostCallback(TrainerCallback, ExportableState):
         self.teacher_cache = teacher_cache  # {"flops", "examples", "seconds"} of the cache's train split
         self.teacher_server = teacher_server  # the URL, when the teacher is served
         self.generation_server = generation_server  # the URL, when the student samples on vLLM (use_vllm)
+        self.prune = prune  # the "cost" of the student folder's prune_report.json (`distill prune`)
         # this session's served teacher FLOPs, positions, request and waiting ms; served sampling FLOPs
         self._served = [0, 0, 0, 0, 0]
         self.accelerator: str | None = None
@@ -172,6 +174,7 @@ class CostCallback(TrainerCallback, ExportableState):
                 "teacher_cache": self.teacher_cache,
                 "teacher_server": self.teacher_server,
                 "generation_server": self.generation_server,
+                "prune": self.prune,
             },
             "attributes": {"totals": dict(self.totals)},
         }
@@ -304,8 +307,14 @@ class CostCallback(TrainerCallback, ExportableState):
         return self.totals["generation_flops"] + self.totals["served_generation_flops"]
 
     @property
+    def prune_flops(self) -> int:
+        """The calibration pass that cut the student out of its teacher (`distill prune`), done before
+        this run: in the student's bill, not in this run's FLOP/s, MFU or HFU."""
+        return int(self.prune["flops"]["total"]) if self.prune else 0
+
+    @property
     def total_flops(self) -> int:
-        return self.teacher_flops + self.totals["student_flops"] + self.generation_flops
+        return self.teacher_flops + self.totals["student_flops"] + self.generation_flops + self.prune_flops
 
     def _sync(self, args) -> None:
         """totals = checkpointed base + this session's counts summed over processes. Every process
@@ -331,6 +340,7 @@ class CostCallback(TrainerCallback, ExportableState):
             "flops_teacher": float(self.teacher_flops),
             "flops_student": float(self.totals["student_flops"]),
             **({"flops_student_generation": float(g)} if (g := self.generation_flops) else {}),
+            **({"flops_prune": float(p)} if (p := self.prune_flops) else {}),
             "flops_total": float(self.total_flops),
             "pflops_days": pflops_days(self.total_flops),
             "flops_per_second": rate,
@@ -346,13 +356,22 @@ class CostCallback(TrainerCallback, ExportableState):
         done, seconds, tokens = self.flops_done, t["seconds"], t["tokens"]
         hardware = done + t["recomputed_flops"]
         device_hours = seconds * self._devices / 3600
+        pruned = {"prune": self.prune_flops} if self.prune else {}
         report = {
-            # student: its training steps; student_generation: its on-policy sampling (0 off-policy)
-            "flops": {"teacher": teacher, "student": student, "student_generation": generation, "total": total},
+            # student: its training steps; student_generation: its on-policy sampling (0 off-policy);
+            # prune: the `distill prune` pass the student was cut out with, when it was
+            "flops": {
+                "teacher": teacher,
+                "student": student,
+                "student_generation": generation,
+                **pruned,
+                "total": total,
+            },
             "pflops_days": {
                 "teacher": pflops_days(teacher),
                 "student": pflops_days(student),
                 "student_generation": pflops_days(generation),
+                **{k: pflops_days(v) for k, v in pruned.items()},
                 "total": pflops_days(total),
             },
             "hardware_flops": {
@@ -405,6 +424,17 @@ class CostCallback(TrainerCallback, ExportableState):
                 "(measured; computed from the teacher's config where a server built it) for the share of the cached "
                 "examples this run read (amortised), and left out of this run's FLOP/s, MFU and HFU",
             }
+        if self.prune:
+            seconds = self.prune.get("wall_seconds")
+            report["prune"] = {
+                "flops": self.prune_flops,
+                "pflops_days": pflops_days(self.prune_flops),
+                "wall_seconds": seconds.get("total") if isinstance(seconds, dict) else seconds,
+                "measured": self.prune.get("measured"),
+                "note": "the calibration pass of `distill prune` that cut this student out of its teacher (from the "
+                "student folder's prune_report.json), measured when it ran: in flops.total, so that the total is "
+                "what the student cost, and left out of this run's FLOP/s, MFU and HFU",
+            }
         if self.generation_server is not None:
             report["generation_server"] = {
                 "url": self.generation_server,
@@ -431,10 +461,10 @@ class CostCallback(TrainerCallback, ExportableState):
 def render_report(r: dict) -> str:
     per_token = r["flops_per_token"]
     lines = ["", "distill: cost (measured)"]
-    for role in ("teacher", "student", "student_generation", "total"):
-        if role == "student_generation" and not r["flops"].get(role):
+    for role in ("teacher", "student", "student_generation", "prune", "total"):
+        if role in ("student_generation", "prune") and not r["flops"].get(role):
             continue
-        ft = per_token[role]
+        ft = per_token.get(role)
         name = "sampling" if role == "student_generation" else role
         lines.append(
             f"  {name:<8} {_num(r['flops'][role]):>10} FLOPs  {r['pflops_days'][role]:.4g} PFlop/s-day"
@@ -445,6 +475,12 @@ def render_report(r: dict) -> str:
         lines.append(
             f"  (teacher: amortised from the cache build, {c['share']:.0%} of its {_num(c['build_flops'])} FLOPs; "
             "not run here)"
+        )
+    if r.get("prune"):
+        c = r["prune"]
+        lines.append(
+            f"  (prune: the measured calibration pass of `distill prune` that made the student, "
+            f"{c['wall_seconds'] or 0:.1f} s; not run here)"
         )
     if r.get("teacher_server"):
         c = r["teacher_server"]

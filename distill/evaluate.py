@@ -409,6 +409,7 @@ def training_section(run_dir: str, history: list[dict], teacher: dict, student: 
         saved = teacher["flops_per_token"] - student["flops_per_token"]
         section["cost"] = {
             "flops": flops,
+            "prune_flops": spent["flops"].get("prune", 0),  # in flops: the `distill prune` pass that made it
             "pflops_days": spent["pflops_days"]["total"],
             "wall_seconds": spent["wall_seconds"],
             "cost_usd": spent.get("cost_usd"),
@@ -500,7 +501,9 @@ def render_markdown(r: dict) -> str:
             c = tr["cost"]
             be = c["breakeven_tokens"]
             lines.append(
-                f"Training compute (teacher forwards + student steps, measured): {_big(c['flops'])} FLOPs = "
+                "Training compute (teacher forwards + student steps"
+                + (f" + the `distill prune` pass, {_big(c['prune_flops'])}" if c.get("prune_flops") else "")
+                + f", measured): {_big(c['flops'])} FLOPs = "
                 f"{c['pflops_days']:.3g} PFlop/s-days in {c['wall_seconds']:,.0f} s"
                 + (f", {_usd(c['cost_usd'])}" if c["cost_usd"] is not None else "")
                 + (f". The student pays for its training after serving {_big(be)} tokens in place of the teacher."

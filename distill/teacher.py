@@ -23,6 +23,9 @@ The trainer knows sources and targets only through these methods, never through 
   (the run's :class:`distill.cost.CostCallback`, None at evaluation) is billed what the source did
   there: the teacher forward, measured; nothing for a cache (the callback bills its share of the
   build); the positions a server scored, computed from the teacher's config, and its wall time.
+- ``ModelTeacher.targets(..., layers)`` also hands over the outputs of the decoder layers a loss
+  term names (``targets.layers``; distill.hidden), captured with hooks in the same forward. The other
+  sources have no hidden states: a recipe asking for them is refused (DistillConfig).
 - targets: ``vocab(student_width)`` (the ids both sides cover), ``on_logits`` / ``on_hidden`` (the KD
   loss against the student's logits or final hidden states: :mod:`distill.losses` /
   :mod:`distill.chunked`), ``output_layers`` (what the chunked loss computes per target row, for the
@@ -46,6 +49,7 @@ from distill.chunked import (
     top1_rows,
 )
 from distill.flops import ModelSize
+from distill.hidden import captured_layers
 from distill.losses import TopKTargets, distillation_loss, topk_distillation_loss
 from distill.placement import describe, parameter_bytes, place_teacher
 from distill.teacher_cache import TeacherCache
@@ -58,6 +62,7 @@ class Logits(NamedTuple):
     """The teacher's whole distribution at every position."""
 
     logits: torch.Tensor  # (batch, seq, teacher vocab)
+    layers: list | tuple = ()  # the outputs of the decoder layers the trainer asked for (distill.hidden)
 
     def vocab(self, student_width: int) -> int:
         # A teacher head padded wider than the student's (common within a family) is compared on the shared ids.
@@ -79,6 +84,7 @@ class Hidden(NamedTuple):
 
     hidden: torch.Tensor  # (batch, seq, teacher hidden): the output layer's input
     weight: torch.Tensor  # (teacher vocab, teacher hidden): the output layer
+    layers: list | tuple = ()  # the outputs of the decoder layers the trainer asked for (distill.hidden)
 
     def vocab(self, student_width: int) -> int:
         return min(student_width, self.weight.shape[0])
@@ -164,14 +170,18 @@ class ModelTeacher:
         return supports_chunked_loss(self.model)
 
     @torch.no_grad()
-    def targets(self, inputs: dict, chunked: bool, cost=None) -> Logits | Hidden:
+    def targets(self, inputs: dict, chunked: bool, cost=None, layers: list[int] = ()) -> Logits | Hidden:
+        """The targets, carrying the outputs of the decoder ``layers`` (captured in the same forward)."""
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
-        with cost.teacher_forward(inputs) if cost else contextlib.nullcontext():
+        with (
+            cost.teacher_forward(inputs) if cost else contextlib.nullcontext(),
+            captured_layers(self.model, list(layers)) as states,
+        ):
             if not chunked:
-                return Logits(self.model(**model_inputs).logits)
+                return Logits(self.model(**model_inputs).logits, states)
             with final_hidden_states(self.model) as captured:
                 self.model(**model_inputs, logits_to_keep=1)
-        return Hidden(captured["hidden"], output_weight(self.model))
+        return Hidden(captured["hidden"], output_weight(self.model), states)
 
 
 class CachedTeacher:

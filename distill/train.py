@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import yaml
+from transformers import AutoConfig
 from transformers.trainer_utils import get_last_checkpoint
 
 from distill import adapters
@@ -18,6 +19,7 @@ from distill.config import TRAIN_ARGUMENTS
 from distill.data import Collator, build_datasets
 from distill.errors import UserError
 from distill.flops import model_size
+from distill.hidden import layer_pairs
 from distill.models import (
     check_max_length,
     check_same_tokenizer,
@@ -111,6 +113,15 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         note = cache.check_teacher(config.teacher_model_name_or_path, config.resolved_teacher_dtype)
         if note and config.process_index == 0:
             print(note, flush=True)
+
+    if config.hidden_loss_weight > 0:  # the layer map against both configs, before any weight loads
+        student_dir = resolve(model_args.model_name_or_path)[0]
+        student_config = AutoConfig.from_pretrained(student_dir)
+        where, gguf_file = resolve(config.teacher_model_name_or_path)
+        teacher_config = AutoConfig.from_pretrained(where, gguf_file=gguf_file)
+        layer_pairs(
+            config.hidden_layer_map, student_dir, student_config.num_hidden_layers, teacher_config.num_hidden_layers
+        )
 
     student_server = None
     if config.use_vllm:
@@ -251,7 +262,12 @@ def write_model_card(trainer, recipe: dict, metrics: dict, output_dir: str) -> N
             f"{'A LoRA adapter for' if adapter else 'A student model initialised from'} {_named(student)}, "
             f"distilled from the teacher {_named(teacher)} with `distill train`: loss = {config.alpha} x "
             f"T^2 x {config.loss_type}(teacher, student) + {1 - config.alpha:g} x cross-entropy, "
-            f"T = {config.temperature}."
+            f"T = {config.temperature}"
+            + (
+                f" + {config.hidden_loss_weight:g} x {config.hidden_loss_type} on aligned hidden states."
+                if config.hidden_loss_weight > 0
+                else "."
+            )
         )
     else:
         lines.append(
@@ -350,6 +366,8 @@ def summary(trainer, metrics: dict, output_dir: str) -> str:
         + (" (alpha 0: the teacher does not run in training)" if trainer.args.alpha == 0 else ""),
         f"  final ce_loss    {fmt(_last(history, 'ce_loss'))}",
     ]
+    if trainer.args.hidden_loss_weight > 0:
+        lines.append(f"  final hidden_loss {fmt(_last(history, 'hidden_loss'))}")
     if metrics["eval"]:
         before = metrics["eval_before"].get("eval_before_agreement")
         lines.append(

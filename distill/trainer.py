@@ -1,8 +1,9 @@
 """`DistillTrainer`: a `transformers.Trainer` whose loss is alpha * KD + (1 - alpha) * CE.
 
 It adds only what distillation needs: a frozen teacher placed next to the student, the loss from
-`distill.losses`, and the metrics that tell whether distillation works (`kd_loss`, `ce_loss`, and
-at evaluation top-1 agreement with the teacher). Batching, optimisation, checkpoints, mixed
+`distill.losses`, optionally a hidden-state term (`distill.hidden`, + hidden_loss_weight * hidden),
+and the metrics that tell whether distillation works (`kd_loss`, `ce_loss`, `hidden_loss`, and at
+evaluation top-1 agreement with the teacher). Batching, optimisation, checkpoints, mixed
 precision and multi-GPU stay the Trainer's. Its base, `MeteredTrainer`, measures the training
 compute (distill.cost); `distill finetune` trains with that base alone.
 """
@@ -16,17 +17,21 @@ import os
 import shutil
 
 import torch
-from transformers import Trainer
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from distill.chunked import final_hidden_states, output_weight, supports_chunked_loss, top1_rows
 from distill.config import DistillConfig
 from distill.cost import CostCallback
 from distill.errors import NonFiniteError, ServerError, UserError
+from distill.hidden import HiddenStateLoss, captured_layers, layer_pairs, prune_report
 from distill.losses import IGNORE_INDEX, top1_agreement
 from distill.on_policy import StudentServer, is_on_policy, on_policy_batch, prompts_of, sample, step_seed, stop_ids
 from distill.placement import sharding
 from distill.teacher import as_source, no_teacher
+
+HIDDEN_LOSS_FILE = "hidden_loss.safetensors"  # the hidden-state term's projection, in each checkpoint
 
 
 class MeteredTrainer(Trainer):
@@ -40,7 +45,10 @@ class MeteredTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.args.measure_cost:
-            self.add_callback(CostCallback(self.args.peak_tflops, self.args.gpu_hour_price))
+            # A student cut out of a teacher by `distill prune` costs that pass too: its bill joins this one.
+            report = prune_report(student_folder(self.model))
+            prune = report["cost"] if report else None
+            self.add_callback(CostCallback(self.args.peak_tflops, self.args.gpu_hour_price, prune=prune))
 
     @property
     def cost(self) -> CostCallback | None:
@@ -75,6 +83,23 @@ class MeteredTrainer(Trainer):
         super().log(logs, start_time)
 
 
+class ZeroGradAfterStep(TrainerCallback):
+    """Clears the gradients of a module that trains outside the student (the Trainer clears only the
+    student's after each optimizer step; kept, they would add up over steps)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.module.zero_grad(set_to_none=True)
+
+
+def student_folder(model) -> str:
+    """The folder (or hub id) the student was loaded from."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    return getattr(base.config, "_name_or_path", "") or ""
+
+
 class DistillTrainer(MeteredTrainer):
     # compute_loss divides by the step's token count (num_items_in_batch) itself, so the Trainer must
     # not divide by the accumulation steps again.
@@ -104,8 +129,11 @@ class DistillTrainer(MeteredTrainer):
         # Inside the Trainer autocast covers only the model's forward, not compute_loss: the chunked
         # loss is told the run's mixed-precision dtype for its output-layer matmuls.
         self._compute_dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
-        self._train_sums = torch.zeros(2)  # kd, ce since the last log, each already a step mean
-        self._eval_sums = torch.zeros(4)  # kd*tokens, ce*tokens, agreeing tokens, tokens
+        self.hidden_loss = self._hidden_loss() if self.args.hidden_loss_weight > 0 else None
+        if self.hidden_loss is not None:
+            self.add_callback(ZeroGradAfterStep(self.hidden_loss))
+        self._train_sums = torch.zeros(3)  # kd, ce, hidden since the last log, each already a step mean
+        self._eval_sums = torch.zeros(5)  # kd*tokens, ce*tokens, hidden*tokens, agreeing tokens, tokens
         self._last_logged_step = None  # the global step before the first micro-batch since the last log
         # on-policy micro-batches, micro-batches, sampled sequences, sampled tokens, teacher-scored reverse
         # KL summed over the sampled tokens; since the last log
@@ -121,6 +149,62 @@ class DistillTrainer(MeteredTrainer):
                 )
         self.student_server = student_server
         self._pushed_step = None  # the optimizer step whose weights the server holds
+
+    def _hidden_loss(self) -> HiddenStateLoss:
+        """The hidden-state term (distill.hidden), its layer map checked against both models."""
+        if not hasattr(self.teacher, "model"):
+            raise UserError(
+                f"hidden_loss_weight > 0 needs the teacher's hidden states, and a {self.teacher.source} teacher gives "
+                "only its targets: give the teacher model, or set hidden_loss_weight: 0"
+            )
+        folder = student_folder(self.model)
+        student, teacher = self.model.config, self.teacher.model.config
+        pairs = layer_pairs(self.args.hidden_layer_map, folder, student.num_hidden_layers, teacher.num_hidden_layers)
+        report = prune_report(folder)
+        kept = report["kept"]["hidden_size"] if report else None
+        if student.hidden_size != teacher.hidden_size and sharding(self.accelerator) is not None:
+            # The projection trains outside the sharded student, which these engines do not provide for.
+            raise UserError(
+                "hidden_loss_weight > 0 with a student narrower than its teacher trains a projection beside the "
+                "student, which is not implemented under FSDP or ZeRO-3 yet; train with DDP or one process"
+            )
+        term = HiddenStateLoss(pairs, student.hidden_size, teacher.hidden_size, self.args.hidden_loss_type, kept)
+        return term.to(self.args.device)
+
+    def create_optimizer(self, model=None):
+        # The projection trains with the student, in the same optimizer (so its state is checkpointed
+        # with the student's), but it is not a part of the student: it is never saved with it.
+        optimizer = super().create_optimizer(model)
+        if self.hidden_loss is not None and self.hidden_loss.projection is not None:
+            optimizer.add_param_group({"params": list(self.hidden_loss.parameters()), "weight_decay": 0.0})
+        return optimizer
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # The one call between the step's last backward and the optimizer step. DDP averages the
+        # student's gradients over processes; the projection is outside it, so it is averaged here.
+        if self.hidden_loss is not None and self.accelerator.num_processes > 1:
+            for p in self.hidden_loss.parameters():
+                if p.grad is not None:  # gloo has no AVG
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= self.accelerator.num_processes
+        return super()._get_grad_norm(model, grad_norm)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.hidden_loss is not None and self.args.should_save:
+            save_file(self.hidden_loss.state_dict(), os.path.join(output_dir, HIDDEN_LOSS_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or self.hidden_loss is None:
+            return
+        path = os.path.join(checkpoint, HIDDEN_LOSS_FILE)
+        if not os.path.isfile(path):
+            raise UserError(
+                f"checkpoint {checkpoint} holds no {HIDDEN_LOSS_FILE}: it was saved by a run without "
+                "hidden_loss_weight, so the projection it trained is not there; resume with the recipe it ran"
+            )
+        self.hidden_loss.load_state_dict(load_file(path, device=str(self.args.device)))
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The step's micro-batches, a fraction ``lmbda`` of them with completions the student samples
@@ -194,23 +278,26 @@ class DistillTrainer(MeteredTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training and self.accelerator.num_processes > 1:
             inputs = {**inputs, "labels": self._without_padded_rows(inputs["labels"])}
-        out, outputs, agreement, student, targets = self._distill(model, inputs, num_items_in_batch)
-        if not bool(torch.isfinite(out.loss)):
-            raise self._non_finite(out.loss, {"teacher": targets.tensors(), "student": [student[0]]}, model.training)
+        out, outputs, agreement, student, targets, hidden = self._distill(model, inputs, num_items_in_batch)
+        loss = out.loss + self.args.hidden_loss_weight * hidden if self.hidden_loss is not None else out.loss
+        if not bool(torch.isfinite(loss)):
+            raise self._non_finite(loss, {"teacher": targets.tensors(), "student": [student[0]]}, model.training)
         if "on_policy" in inputs:
             denom = num_items_in_batch if num_items_in_batch is not None else out.num_tokens
             reverse_kl = self._sampled_reverse_kl(student, targets, inputs["labels"], out, denom)
             self._policy_sums[2:] += torch.stack(
                 [torch.tensor(float(len(inputs["labels"]))), out.num_tokens.float().cpu(), reverse_kl.float().cpu()]
             )
-        loss = out.loss
+        hidden = hidden.detach().float()
         if model.training:
             if self._last_logged_step is None:
                 self._last_logged_step = self.state.global_step
-            self._train_sums += torch.stack([out.kd, out.ce]).cpu()
+            self._train_sums += torch.stack([out.kd.float(), out.ce.float(), hidden]).cpu()
         else:
             matches, tokens = agreement
-            self._eval_sums += torch.stack([out.kd * tokens, out.ce * tokens, matches, tokens]).float().cpu()
+            self._eval_sums += (
+                torch.stack([out.kd * tokens, out.ce * tokens, hidden * tokens, matches, tokens]).float().cpu()
+            )
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counted every process's tokens and DDP averages gradients over
             # processes, so undo that average to get the global token mean.
@@ -219,10 +306,11 @@ class DistillTrainer(MeteredTrainer):
 
     def _distill(self, model, inputs, num_items_in_batch):
         """(DistillationLoss, student outputs, (matches, tokens) at evaluation else None, the student's
-        side (logits,) or (hidden, weight), the teacher's targets).
+        side (logits,) or (hidden, weight), the teacher's targets, the hidden-state term (0 when off)).
 
         One path whatever the teacher's source: the student's side, the source's targets
-        (distill.teacher), the loss on the two (`_loss`).
+        (distill.teacher), the loss on the two (`_loss`). A hidden-state term names the layers it
+        reads on each side; their outputs are captured in these same forwards.
         """
         labels = inputs["labels"]
         kw = {
@@ -235,26 +323,33 @@ class DistillTrainer(MeteredTrainer):
         # Without labels the model computes no loss of its own: we would throw it away.
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
         evaluating = not model.training
-        if self._chunked:
-            unwrapped = self.accelerator.unwrap_model(model)
-            with final_hidden_states(unwrapped) as captured:
-                outputs = model(**model_inputs, logits_to_keep=1)
-            student = (captured["hidden"], output_weight(unwrapped))
-        else:
-            outputs = model(**model_inputs)
-            student = (outputs.logits,)
-        if not evaluating and self.args.alpha == 0.0:
+        term = self.hidden_loss
+        unwrapped = self.accelerator.unwrap_model(model)
+        with captured_layers(unwrapped, term.student_layers if term else []) as student_states:
+            if self._chunked:
+                with final_hidden_states(unwrapped) as captured:
+                    outputs = model(**model_inputs, logits_to_keep=1)
+                student = (captured["hidden"], output_weight(unwrapped))
+            else:
+                outputs = model(**model_inputs)
+                student = (outputs.logits,)
+        if not evaluating and self.args.alpha == 0.0 and term is None:
             # Plain supervised training: the teacher neither runs nor is billed in training, and the KD
             # term is exactly 0 (not logged). Evaluation still asks the teacher, for agreement and the KL.
             targets = no_teacher(labels, None if self._chunked else outputs.logits, self._width(student))
         else:
             try:
-                targets = self.teacher.targets(inputs, self._chunked, None if evaluating else self.cost)
+                cost = None if evaluating else self.cost
+                if term is None:
+                    targets = self.teacher.targets(inputs, self._chunked, cost)
+                else:
+                    targets = self.teacher.targets(inputs, self._chunked, cost, layers=term.teacher_layers)
             except ServerError as err:
                 raise self._server_stopped(err, evaluating) from err
         out = self._loss(student, targets, labels, kw, bill=not evaluating)
+        hidden = term(student_states, targets.layers, labels, num_items_in_batch) if term else out.kd.new_zeros(())
         agreement = top1_agreement(*self._top1(student, targets), labels) if evaluating else None
-        return out, outputs, agreement, student, targets
+        return out, outputs, agreement, student, targets, hidden
 
     def _loss(self, student: tuple, targets, labels, kw: dict, bill: bool, tag: str = ""):
         """The KD loss of the student's side, (logits,) or with the chunked loss (hidden, weight), on
@@ -358,17 +453,20 @@ class DistillTrainer(MeteredTrainer):
         prefix = self._eval_prefix
         if f"{prefix}_runtime" in logs:
             # Every process reduces, also one whose rows were all padding copies (it holds zeros).
-            kd, ce, agree, tokens = self._reduce(self._eval_sums).tolist()
+            kd, ce, hidden, agree, tokens = self._reduce(self._eval_sums).tolist()
             self._eval_sums.zero_()
             if tokens > 0:
                 logs[f"{prefix}_kd_loss"] = kd / tokens
                 logs[f"{prefix}_ce_loss"] = ce / tokens
+                if self.hidden_loss is not None:
+                    logs[f"{prefix}_hidden_loss"] = hidden / tokens
                 logs[f"{prefix}_agreement"] = agree / tokens
                 # The Trainer's eval_loss is a mean of batch means over padded batches; this is the
                 # training loss's own definition, over every held-out target token once.
-                logs[f"{prefix}_loss"] = (self.args.alpha * kd + (1.0 - self.args.alpha) * ce) / tokens
+                a, w = self.args.alpha, self.args.hidden_loss_weight
+                logs[f"{prefix}_loss"] = (a * kd + (1.0 - a) * ce + w * hidden) / tokens
         elif "loss" in logs and self._last_logged_step is not None and self.state.global_step > self._last_logged_step:
-            kd, ce = self._reduce(self._train_sums).tolist()
+            kd, ce, hidden = self._reduce(self._train_sums).tolist()
             # Each micro-batch term is already divided by the step's global token count; summed over
             # processes that is the global mean, unless tokens were not averaged across devices.
             per = (self.state.global_step - self._last_logged_step) * (
@@ -377,6 +475,8 @@ class DistillTrainer(MeteredTrainer):
             if self.args.alpha > 0:  # at alpha 0 no teacher ran in training: there is no kd_loss
                 logs["kd_loss"] = kd / per
             logs["ce_loss"] = ce / per
+            if self.hidden_loss is not None:
+                logs["hidden_loss"] = hidden / per
             self._train_sums.zero_()
             self._last_logged_step = None
         super().log(logs, start_time)
