@@ -110,6 +110,17 @@ def readme(tmp_path_factory):
     return {"dir": copy, "outputs": outputs}
 
 
+def test_ci_runs_the_readmes_test_command_exactly():
+    """.ci/run's last line is the README's command 2, character for character, and both install
+    torch from PyTorch's CPU index (on PyPI, Linux x86_64 torch is the multi-GB CUDA build)."""
+    blocks = re.findall(r"^```bash\n(.*?)^```", README.read_text(encoding="utf-8"), re.S | re.M)
+    two = [line for line in blocks[0].splitlines() if line and not line.startswith("#")]
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").rstrip("\n").splitlines()[-1]
+    assert len(two) == 2 and ci == two[1], (two, ci)
+    for command in two:
+        assert command.startswith('pip install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu && ')
+
+
 def test_every_readme_command_runs_or_is_listed_with_why_it_cannot(readme):
     commands = readme_commands(README.read_text(encoding="utf-8"))
     assert [c for c in commands if not not_run(c)] == list(readme["outputs"])
@@ -206,7 +217,7 @@ def test_the_cost_section_figures(readme):
     servers = printed(gpt3, r"(\d+) for 3 days, (\d+) for 5 days, (\d+) for 10 days")
     check("# GPT-3: {} PFlop/s-day; {} / {} / {} servers of 5 PFlop/s for 3 / 5 / 10 days", *days, *servers)
     plan = output(
-        readme, "distill cost --student tiny_models/student --teacher tiny_models/teacher --tokens 409600 --seq-len 128"
+        readme, "distill cost --student tiny_models/student --teacher tiny_models/teacher --tokens 409600 --seq_len 128"
     )
     (planned,) = printed(plan, r"\n  total\s+(\S+)")
     measured = bill["flops"]["total"]
