@@ -99,7 +99,7 @@ class GenerateConfig:
     def __post_init__(self):
         for key in ("teacher_model_name_or_path", "prompts", "output_file"):
             if not getattr(self, key):
-                raise UserError(f"{key} is required (see `distill generate --help-keys`)")
+                raise UserError(f"{key} is required (see `distill generate --help_keys`)")
         if not self.output_file.endswith(".jsonl"):
             raise UserError(f"output_file must end in .jsonl (one row per line, for resuming), got {self.output_file}")
         if self.max_new_tokens < 1:

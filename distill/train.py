@@ -180,7 +180,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
 def train_and_save(trainer, recipe: dict, resume: str | None, summarize) -> dict:
     """Train (the "before" evaluation is step 0's, via eval_on_start), evaluate, and write the model
     (or, with use_peft, only the adapter in PEFT's format) + tokenizer, trainer_state.json (the whole
-    log history, for `distill eval --run-dir`), recipe.yaml and metrics.json."""
+    log history, for `distill eval --run_dir`), recipe.yaml and metrics.json."""
     config = trainer.args
     use_console(trainer)
     trainer.add_callback(CheckpointModes())
