@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from distill.errors import NonFiniteError, ServerError, UserError
@@ -56,7 +57,7 @@ def _cost(args, rest):
 def _recipe_parser(sub, name: str, module: str, help: str) -> None:
     p = sub.add_parser(name, help=help)
     p.add_argument("recipe", nargs="?", help="recipe YAML; then any --key value overrides")
-    p.add_argument("--help-keys", action="store_true", help="list every recipe key with its default and help")
+    p.add_argument("--help_keys", action="store_true", help="list every recipe key with its default and help")
     p.set_defaults(func=_recipe_job, module=module)
 
 
@@ -92,43 +93,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student", required=True, help="student: model dir, LoRA adapter dir, .gguf file or hub id")
     p.add_argument("--data", required=True, help="held-out data: a file, folder or hub dataset distill can train on")
     p.add_argument("--split", default="train", help="split of a hub dataset (train)")
-    p.add_argument("--max-samples", type=int, help="use only the first N rows of --data")
+    p.add_argument("--max_samples", type=int, help="use only the first N rows of --data")
     p.add_argument(
-        "--max-length", type=int, default=512, help="tokens per sequence, and the context FLOPs assume (512)"
+        "--max_length", type=int, default=512, help="tokens per sequence, and the context FLOPs assume (512)"
     )
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (8)")
+    p.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass (8)")
     p.add_argument("--dtype", default="auto", help="dtype both models run in: auto (as saved), float32, bfloat16")
-    p.add_argument("--output-dir", help="where the report goes (default: RUN_DIR/eval, else STUDENT/eval)")
-    p.add_argument("--run-dir", help="the student's training output_dir: adds its loss curves and training cost")
+    p.add_argument("--output_dir", help="where the report goes (default: RUN_DIR/eval, else STUDENT/eval)")
+    p.add_argument("--run_dir", help="the student's training output_dir: adds its loss curves and training cost")
     p.add_argument("--compare", nargs="+", default=[], help="earlier eval_report.json files (or their folders) to plot")
     p.add_argument("--prompts", help="prompt file for the greedy generations (default: prompts from --data)")
-    p.add_argument("--num-prompts", type=int, default=4, help="greedy generations side by side (4; 0 for none)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per greedy generation (32)")
+    p.add_argument("--num_prompts", type=int, default=4, help="greedy generations side by side (4; 0 for none)")
+    p.add_argument("--max_new_tokens", type=int, default=32, help="tokens per greedy generation (32)")
     p.add_argument("--accelerator", default="H100", help="accelerator whose dense bf16 peak prices a token (H100)")
-    p.add_argument("--peak-tflops", type=float, help="dense bf16 peak TFLOP/s per device; overrides --accelerator")
+    p.add_argument("--peak_tflops", type=float, help="dense bf16 peak TFLOP/s per device; overrides --accelerator")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation when serving, 0-1 (0.4)")
-    p.add_argument("--price-per-gpu-hour", "--price", type=float, help="$ per GPU-hour, for $ per 1M tokens")
+    p.add_argument(
+        "--gpu_hour_price", "--price", dest="price_per_gpu_hour", type=float, help="$ per GPU-hour, for $ per 1M tokens"
+    )
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("cost", help="plan a run's compute, time and $ before launching it")
     p.add_argument("--student", required=True, help="student: model dir, config.json, hub id, or a count like 135M")
     p.add_argument("--teacher", help="teacher, same forms as --student (leave out for plain fine-tuning)")
     p.add_argument("--tokens", required=True, help="training tokens, e.g. 2B or 300e9")
-    p.add_argument("--seq-len", type=int, default=2048, help="sequence length, for the attention term (2048)")
+    p.add_argument("--seq_len", type=int, default=2048, help="sequence length, for the attention term (2048)")
     p.add_argument("--accelerator", default="H100", help="accelerator whose dense bf16 peak is assumed (H100)")
-    p.add_argument("--peak-tflops", type=float, help="dense bf16 peak TFLOP/s per device; overrides --accelerator")
+    p.add_argument("--peak_tflops", type=float, help="dense bf16 peak TFLOP/s per device; overrides --accelerator")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation, 0-1 (0.4)")
-    p.add_argument("--price", type=float, help="$ per GPU-hour, for dollar figures")
-    p.add_argument("--server-pflops", type=float, default=5.0, help="PFlop/s one server sustains (5)")
+    p.add_argument("--gpu_hour_price", "--price", dest="price", type=float, help="$ per GPU-hour, for dollar figures")
+    p.add_argument("--server_pflops", type=float, default=5.0, help="PFlop/s one server sustains (5)")
     p.add_argument("--days", type=float, nargs="+", default=[3, 5, 10], help="deadlines in days (3 5 10)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.set_defaults(func=_cost)
     return parser
 
 
+def underscored(argv: list[str]) -> list[str]:
+    """``--max-length=8`` -> ``--max_length=8``: every flag is spelled with underscores, as the recipe
+    keys are, and the dashed spelling is taken as the same flag."""
+    return [re.sub(r"^--[A-Za-z][\w-]*", lambda m: m[0][:2] + m[0][2:].replace("-", "_"), a) for a in argv]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
+    args, rest = parser.parse_known_args(underscored(sys.argv[1:] if argv is None else argv))
     if getattr(args, "recipe", "") is None and not getattr(args, "help_keys", False):
         parser.error(f"{args.command} needs a recipe file: distill {args.command} RECIPE.yaml [--key value ...]")
     try:

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from distill import cost
 from distill.config import DTYPES
+from distill.console import bar, quiet_libraries
 from distill.data import Collator, load_rows, tokenize
 from distill.errors import UserError
 from distill.flops import FlopMeter
@@ -88,7 +88,7 @@ def score(teacher, student, batches, total: int | None = None) -> dict:
     KL and top-1 matches, target tokens and real (unpadded) tokens."""
     sums = {"nll_teacher": 0.0, "nll_student": 0.0, "kl": 0.0, "matches": 0, "targets": 0, "tokens": 0}
     seconds = dict.fromkeys(ROLES, 0.0)
-    for batch in tqdm(batches, total=total, desc="eval", unit="batch"):
+    for batch in bar(iterable=batches, total=total, desc="eval", unit="batch"):
         logits = {}
         for role, model in zip(ROLES, (teacher, student)):
             ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
@@ -167,7 +167,7 @@ def read_log_history(run_dir: str) -> list[dict]:
         state = Path(last) / "trainer_state.json"
     else:
         raise UserError(
-            f"--run-dir {run_dir}: no trainer_state.json in it or in a checkpoint-* folder; give the output_dir "
+            f"--run_dir {run_dir}: no trainer_state.json in it or in a checkpoint-* folder; give the output_dir "
             "of a distill train / finetune run (with save_steps, so it has checkpoints) or a trainer_state.json"
         )
     history = json.loads(state.read_text(encoding="utf-8")).get("log_history", [])
@@ -278,14 +278,15 @@ def default_output_dir(run_dir: str | None, student: str) -> Path:
 def run(args) -> dict:
     """`distill eval` for the parsed command line; returns the report written to eval_report.json."""
     if args.max_length < 2:
-        raise UserError(f"--max-length must be at least 2, got {args.max_length}")
+        raise UserError(f"--max_length must be at least 2, got {args.max_length}")
     if args.batch_size < 1 or args.num_prompts < 0 or args.max_new_tokens < 1:
-        raise UserError("--batch-size and --max-new-tokens must be at least 1, --num-prompts at least 0")
+        raise UserError("--batch_size and --max_new_tokens must be at least 1, --num_prompts at least 0")
     if not 0 < args.mfu <= 1:
         raise UserError(f"--mfu is a fraction of the peak in (0, 1], got {args.mfu}")
     if args.dtype not in DTYPES:
         raise UserError(f"--dtype {args.dtype!r} is not a dtype distill knows; use one of {', '.join(DTYPES)}")
     accelerator, peak = (args.accelerator, args.peak_tflops) if args.peak_tflops else cost.peak_for(args.accelerator)
+    quiet_libraries(args.data)
     for name in (args.teacher, args.student):
         resolve(adapter_base(name) or name)
     history = read_log_history(args.run_dir) if args.run_dir else None
@@ -389,7 +390,7 @@ def _read_report(path: str, data: dict) -> dict:
     if theirs != data:
         raise UserError(
             f"--compare {path} was measured on other data ({theirs}, here {data}); run both with the same "
-            "--data, --split, --max-samples and --max-length"
+            "--data, --split, --max_samples and --max_length"
         )
     return {"label": report["student"]["path"], "student": report["student"]}
 
@@ -446,7 +447,7 @@ def render_markdown(r: dict) -> str:
         f"at ${st['price_per_gpu_hour']:g}/GPU-hour on {st['accelerator']} ({st['peak_tflops']:g} TFLOP/s) at "
         f"{st['mfu']:.0%} MFU"
         if st["price_per_gpu_hour"] is not None
-        else "(give --price-per-gpu-hour)"
+        else "(give --gpu_hour_price)"
     )
     rows = [
         ("parameters", f"{t['parameters']:,}", f"{s['parameters']:,}", f"{ratio['parameters']:.3g}x"),

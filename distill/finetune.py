@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from distill import adapters
 from distill.config import DataArguments, FinetuneConfig, ModelArguments
+from distill.console import quiet_libraries
 from distill.data import Collator, build_datasets
 from distill.models import check_max_length, load_tokenizer, resolve, vocab_sizes_fit
 from distill.recipe import load_recipe, parse
@@ -27,6 +28,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     model_args, data_args, config = parse(recipe, ARGUMENTS)
     resume = resume_checkpoint(config)
     config.check_output_dir(resuming=resume is not None)
+    quiet_libraries(data_args.dataset, data_args.eval_dataset)
     adapters.check(model_args, config)
     resolve(model_args.model_name_or_path)
     check_max_length(model_args.model_name_or_path, data_args.max_length, "model")

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 import yaml
-from tqdm.auto import tqdm
 from transformers import set_seed
 
 from distill.config import DTYPES
+from distill.console import bar, quiet_libraries
 from distill.data import load_rows
 from distill.errors import UserError
 from distill.models import load_model, load_tokenizer, resolve
@@ -99,7 +99,7 @@ class GenerateConfig:
     def __post_init__(self):
         for key in ("teacher_model_name_or_path", "prompts", "output_file"):
             if not getattr(self, key):
-                raise UserError(f"{key} is required (see `distill generate --help-keys`)")
+                raise UserError(f"{key} is required (see `distill generate --help_keys`)")
         if not self.output_file.endswith(".jsonl"):
             raise UserError(f"output_file must end in .jsonl (one row per line, for resuming), got {self.output_file}")
         if self.max_new_tokens < 1:
@@ -297,6 +297,7 @@ def settings_file(path: Path) -> Path:
 def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     recipe = load_recipe(recipe_path, overrides)
     (config,) = parse(recipe, ARGUMENTS)
+    quiet_libraries(config.prompts)
     resolve(config.teacher_model_name_or_path)
     prompts = read_prompts(config.prompts, config.max_prompts)
     tokenizer = load_tokenizer(config.teacher_model_name_or_path)
@@ -320,7 +321,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         placement = {"device_map": "auto"} if torch.cuda.is_available() else {}
         model = load_model(config.teacher_model_name_or_path, config.dtype, config.attn_implementation, **placement)
         model.eval()
-        bar = tqdm(
+        progress = bar(
             total=len(prompts),
             initial=len(prompts) - sum(p["id"] not in done for p in prompts),
             unit="prompt",
@@ -343,8 +344,8 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
                     f.write(json.dumps(make_row(prompt, completion, finished, chat), ensure_ascii=False) + "\n")
                     f.flush()
                     written += 1
-                    bar.update()
-        bar.close()
+                    progress.update()
+        progress.close()
 
     rows = read_done(out)
     unfinished = sum(not r["finished"] for r in rows.values())

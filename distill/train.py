@@ -11,11 +11,12 @@ import os
 from pathlib import Path
 
 import yaml
-from transformers import AutoConfig
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import AutoConfig, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from distill import adapters
 from distill.config import TRAIN_ARGUMENTS
+from distill.console import quiet_libraries, use_console
 from distill.data import Collator, build_datasets
 from distill.errors import UserError
 from distill.flops import model_size
@@ -92,6 +93,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     model_args, data_args, config = parse(recipe, ARGUMENTS)
     resume = resume_checkpoint(config)
     config.check_output_dir(resuming=resume is not None)
+    quiet_libraries(data_args.dataset, data_args.eval_dataset)
     adapters.check(model_args, config)
     resolve(model_args.model_name_or_path)
     sampled = config.max_new_tokens if config.lmbda > 0 else 0  # on-policy rows: a prompt + the student's sample
@@ -189,13 +191,17 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
 def train_and_save(trainer, recipe: dict, resume: str | None, summarize) -> dict:
     """Train (the "before" evaluation is step 0's, via eval_on_start), evaluate, and write the model
     (or, with use_peft, only the adapter in PEFT's format) + tokenizer, trainer_state.json (the whole
-    log history, for `distill eval --run-dir`), recipe.yaml and metrics.json."""
+    log history, for `distill eval --run_dir`), recipe.yaml and metrics.json."""
     config = trainer.args
+    use_console(trainer)
+    trainer.add_callback(CheckpointModes())
     train_metrics = trainer.train(resume_from_checkpoint=resume).metrics
     before = evaluation_at_start(trainer.state.log_history) if config.eval_on_start else {}
     after = trainer.evaluate() if trainer.eval_dataset is not None else {}
     trainer.save_model(config.output_dir)
     trainer.save_state()
+    if trainer.is_local_process_zero():
+        follow_umask(config.output_dir)
 
     metrics = {"train": train_metrics, "eval_before": before, "eval": after, "global_step": trainer.state.global_step}
     if trainer.is_world_process_zero():
@@ -203,6 +209,28 @@ def train_and_save(trainer, recipe: dict, resume: str | None, summarize) -> dict
         write_model_card(trainer, recipe, metrics, config.output_dir)
         print(summarize(trainer, metrics, config.output_dir))
     return metrics
+
+
+def follow_umask(folder: str | os.PathLike) -> None:
+    """Give the ``*.safetensors`` files under ``folder`` the mode every other file there has.
+
+    safetensors (0.8) writes a file through a temporary file, which is created 0600 whatever the
+    umask, and renames it into place: model.safetensors (and a LoRA run's adapter_model.safetensors)
+    would then be unreadable to the group and others who can read the rest of the run, e.g. a
+    serving or evaluation job under another user. A plain ``open`` creates 0666 less the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in Path(folder).rglob("*.safetensors"):
+        if path.is_file():
+            path.chmod(0o666 & ~mask)
+
+
+class CheckpointModes(TrainerCallback):
+    """`follow_umask` on each checkpoint as it is saved, so that an interrupted run's are right too."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_local_process_zero:
+            follow_umask(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
 
 def _on_hub(name: str | None) -> bool:

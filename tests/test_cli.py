@@ -1,5 +1,6 @@
 """Errors a user can cause end in one clear line from the CLI, before any training, never a traceback."""
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import sys
 import pytest
 
 from distill import train
-from distill.cli import main
+from distill.cli import build_parser, main
 from distill.errors import NonFiniteError
 from distill.models import load_tokenizer
 
@@ -130,3 +131,42 @@ def test_a_non_finite_training_value_stops_the_job_with_exit_code_1(tmp_path, mo
     recipe.write_text("".join(f"{k}: {v}\n" for k, v in BASE.items()))
     assert main(["train", str(recipe)]) == 1
     assert capsys.readouterr().err.strip() == "distill train: stopped: the loss is nan at step 3"
+
+
+# --- one spelling for every flag ----------------------------------------------------------------------
+
+
+def test_every_flag_of_every_subcommand_is_spelled_with_underscores_like_the_recipe_keys():
+    (subcommands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    flags = [
+        f"distill {name} {option}"
+        for name, parser in subcommands.choices.items()
+        for action in parser._actions
+        for option in action.option_strings
+        if option.startswith("--") and option != "--help"
+    ]
+    assert "distill eval --run_dir" in flags and "distill cost --seq_len" in flags
+    assert [flag for flag in flags if "-" in flag.rpartition(" --")[2]] == []
+
+
+def test_the_dashed_spelling_of_a_flag_is_the_same_flag(capsys):
+    """`--seq-len 128` is `--seq_len 128` (also written `--seq-len=128`), in `distill cost` as in the
+    recipe overrides; `--price` is the short form of `--gpu_hour_price`, in `distill cost` and
+    `distill eval` alike."""
+    plan = ["cost", "--student", STUDENT, "--teacher", TEACHER, "--tokens", "409600"]
+    spellings = [
+        ["--seq_len", "128", "--gpu_hour_price", "2.5", "--server_pflops", "3"],
+        ["--seq-len=128", "--gpu-hour-price", "2.5", "--server-pflops", "3"],
+        ["--seq-len", "128", "--price", "2.5", "--server_pflops=3"],
+    ]
+    printed = []
+    for flags in [[], *spellings]:
+        assert main(plan + flags) == 0
+        printed.append(capsys.readouterr().out)
+    default, *same = printed
+    assert same[0] == same[1] == same[2] != default
+
+    for flag in ("--help_keys", "--help-keys"):
+        assert main(["train", flag]) == 0
+        printed.append(capsys.readouterr().out)
+    assert printed[-1] == printed[-2] and "temperature" in printed[-1]

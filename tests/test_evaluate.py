@@ -23,9 +23,9 @@ PRICE, PEAK, MFU = 2.5, 989.0, 0.4
 
 
 def run_eval(out, student=STUDENT, *extra, data=HELD_OUT, rows=ROWS):
-    args = ["eval", "--teacher", TEACHER, "--student", student, "--data", data, "--max-samples", str(rows),
-            "--max-length", str(MAX_LENGTH), "--batch-size", "4", "--num-prompts", "2", "--max-new-tokens", "6",
-            "--output-dir", str(out), *extra]  # fmt: skip
+    args = ["eval", "--teacher", TEACHER, "--student", student, "--data", data, "--max_samples", str(rows),
+            "--max_length", str(MAX_LENGTH), "--batch_size", "4", "--num_prompts", "2", "--max_new_tokens", "6",
+            "--output_dir", str(out), *extra]  # fmt: skip
     assert main(args) == 0
     return json.loads((out / "eval_report.json").read_text())
 
@@ -44,8 +44,8 @@ def report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
     run_dir = fake_run_dir(tmp / "run")
     out = tmp / "report"
-    r = run_eval(out, STUDENT, "--run-dir", str(run_dir), "--price-per-gpu-hour", str(PRICE),
-                 "--peak-tflops", str(PEAK), "--mfu", str(MFU))  # fmt: skip
+    r = run_eval(out, STUDENT, "--run_dir", str(run_dir), "--gpu_hour_price", str(PRICE),
+                 "--peak_tflops", str(PEAK), "--mfu", str(MFU))  # fmt: skip
     return r, out
 
 
@@ -154,7 +154,7 @@ def test_an_adapter_folder_is_evaluated_as_its_merged_model(tmp_path, report):
     adapter.save_pretrained(tmp_path / "adapter")
     adapter.merge_and_unload().save_pretrained(tmp_path / "merged")
     load_tokenizer(STUDENT).save_pretrained(tmp_path / "merged")
-    small = ("--num-prompts", "0")
+    small = ("--num_prompts", "0")
     a = run_eval(tmp_path / "a", str(tmp_path / "adapter"), *small)["student"]
     m = run_eval(tmp_path / "m", str(tmp_path / "merged"), *small)["student"]
     assert a["perplexity"] == pytest.approx(m["perplexity"], rel=1e-5)
@@ -163,9 +163,9 @@ def test_an_adapter_folder_is_evaluated_as_its_merged_model(tmp_path, report):
 
 
 def test_bad_run_dir_fails_before_any_model_is_loaded(tmp_path, capsys):
-    code = main(["eval", "--teacher", TEACHER, "--student", STUDENT, "--data", HELD_OUT, "--run-dir", str(tmp_path)])
+    code = main(["eval", "--teacher", TEACHER, "--student", STUDENT, "--data", HELD_OUT, "--run_dir", str(tmp_path)])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("distill eval: error: --run-dir") and "Traceback" not in err
+    assert code == 2 and err.startswith("distill eval: error: --run_dir") and "Traceback" not in err
 
 
 def test_sequence_level_kd_raises_the_students_agreement_with_the_teacher(tmp_path, monkeypatch):
@@ -179,7 +179,7 @@ def test_sequence_level_kd_raises_the_students_agreement_with_the_teacher(tmp_pa
     generate.run("recipes/tiny_cpu_generate.yaml", ["--output_file", str(data), "--max_new_tokens", "16"])  # all 350
     shorter = ["--max_steps", "60", "--eval_steps", "30", "--save_steps", "60", "--disable_tqdm", "true"]
     finetune.run("recipes/tiny_cpu_seqkd.yaml", ["--dataset", str(data), "--output_dir", str(student), *shorter])
-    after = run_eval(tmp_path / "after", str(student), "--run-dir", str(student), "--compare",
+    after = run_eval(tmp_path / "after", str(student), "--run_dir", str(student), "--compare",
                      str(tmp_path / "before"), **held_out)  # fmt: skip
     assert after["student"]["top1_agreement"] > before["top1_agreement"] + 0.1
     assert after["student"]["kl_teacher_student"] < before["kl_teacher_student"]

@@ -7,6 +7,7 @@ timings (seconds, FLOP/s, tokens/s) and thread-dependent speeds are not compared
 machine's, at that moment.
 """
 
+import ast
 import json
 import os
 import re
@@ -98,7 +99,7 @@ def readme(tmp_path_factory):
 
     outputs, seconds = {}, {}
     for command in readme_commands(README.read_text(encoding="utf-8")):
-        if not_run(command):
+        if not_run(command) or command in outputs:  # a command shown twice (in a walkthrough) runs once
             continue
         start = time.perf_counter()
         proc = subprocess.run(shlex.split(command), cwd=copy, env=env, capture_output=True, text=True, timeout=600)
@@ -110,9 +111,21 @@ def readme(tmp_path_factory):
     return {"dir": copy, "outputs": outputs}
 
 
+def test_ci_runs_the_readmes_test_command_exactly():
+    """.ci/run runs the README's command 2, character for character, as its first command after the
+    fresh environment (then the same tests at the oldest releases), and both install torch from
+    PyTorch's CPU index (on PyPI, Linux x86_64 torch is the multi-GB CUDA build)."""
+    blocks = re.findall(r"^```bash\n(.*?)^```", README.read_text(encoding="utf-8"), re.S | re.M)
+    two = [line for line in blocks[0].splitlines() if line and not line.startswith("#")]
+    ci = [line for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines() if line.startswith("pip ")]
+    assert len(two) == 2 and ci == [two[1]], (two, ci)
+    for command in two:
+        assert command.startswith('pip install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu && ')
+
+
 def test_every_readme_command_runs_or_is_listed_with_why_it_cannot(readme):
     commands = readme_commands(README.read_text(encoding="utf-8"))
-    assert [c for c in commands if not not_run(c)] == list(readme["outputs"])
+    assert list(dict.fromkeys(c for c in commands if not not_run(c))) == list(readme["outputs"])
     unused = [prefix for prefix in NOT_RUN if not any(c.startswith(prefix) for c in commands)]
     assert unused == [], "NOT_RUN lists commands the README no longer has"
 
@@ -194,6 +207,23 @@ def test_what_the_first_command_prints_is_what_the_readme_shows(readme):
                 assert agrees(w, float(a.replace(",", "")), 0.0 if exact else TRAINED), (words, actual)
 
 
+def test_the_first_commands_first_log_line_is_the_readmes(readme):
+    """The README quotes the first logged line of the first command: the values printed as numbers
+    (not strings), the same as trainer_state.json's first training log."""
+    out = output(readme, "distill train recipes/tiny_cpu.yaml")
+    line = ast.literal_eval(next(s for s in out.splitlines() if s.startswith("{'loss': ")))
+    assert all(isinstance(v, int | float) for v in line.values()), line
+    history = read_json(readme, "runs/tiny_cpu/trainer_state.json")["log_history"]
+    first = next(entry for entry in history if "loss" in entry)
+    assert line["loss"] == pytest.approx(first["loss"], rel=1e-3)
+    check(
+        "command's first, at step {}: `{'loss': {}, 'grad_norm': {}, 'learning_rate': {}, 'kd_loss': {}, "
+        "'ce_loss': {}, 'flops_teacher': {}, ...}`",
+        first["step"], line["loss"], line["grad_norm"], line["learning_rate"], line["kd_loss"], line["ce_loss"],
+        line["flops_teacher"], rel=TRAINED,
+    )  # fmt: skip
+
+
 def test_the_cost_section_figures(readme):
     bill = read_json(readme, "runs/tiny_cpu/cost_report.json")
     check(
@@ -206,7 +236,7 @@ def test_the_cost_section_figures(readme):
     servers = printed(gpt3, r"(\d+) for 3 days, (\d+) for 5 days, (\d+) for 10 days")
     check("# GPT-3: {} PFlop/s-day; {} / {} / {} servers of 5 PFlop/s for 3 / 5 / 10 days", *days, *servers)
     plan = output(
-        readme, "distill cost --student tiny_models/student --teacher tiny_models/teacher --tokens 409600 --seq-len 128"
+        readme, "distill cost --student tiny_models/student --teacher tiny_models/teacher --tokens 409600 --seq_len 128"
     )
     (planned,) = printed(plan, r"\n  total\s+(\S+)")
     measured = bill["flops"]["total"]

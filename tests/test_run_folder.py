@@ -1,8 +1,18 @@
 """What a `distill train` / `distill finetune` run leaves and says: a model card that a hub takes as it
-is, TensorBoard events that carry distill's own metrics, and no warning the user cannot act on."""
+is, TensorBoard events that carry distill's own metrics, files that follow the umask, a console log
+without bars or escape codes off a terminal, and no warning the user cannot act on."""
 
+import contextlib
+import fcntl
+import io
 import json
+import os
+import pty
 import re
+import struct
+import subprocess
+import sys
+import termios
 import warnings
 
 import pytest
@@ -31,14 +41,81 @@ def run(*argv) -> list:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A plain tiny `distill train` (the shape of recipes/tiny_cpu.yaml), then LoRA `distill finetune`
-    of its student (recipes/tiny_cpu_finetune.yaml), each for a few steps."""
+    """A plain tiny `distill train` (the shape of recipes/tiny_cpu.yaml) that saves one checkpoint,
+    then LoRA `distill finetune` of its student (recipes/tiny_cpu_finetune.yaml), each for a few
+    steps; under umask 027 (not the usual 022, which a file written 0644 by fixed mode would pass), with
+    stdout and stderr captured as a log file or a pipe would take them (not a terminal)."""
     out = tmp_path_factory.mktemp("runs")
-    caught = run("train", *TRAIN, "--output_dir", str(out / "train"))
-    caught += run(
-        "finetune", *FINETUNE, "--model_name_or_path", str(out / "train"), "--output_dir", str(out / "finetune")
-    )
-    return {"train": out / "train", "finetune": out / "finetune", "warnings": caught}
+    console, mask = io.StringIO(), os.umask(0o027)
+    try:
+        with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+            caught = run("train", *TRAIN, "--output_dir", str(out / "train"), "--save_strategy", "steps",
+                         "--save_steps", "4")  # fmt: skip
+            caught += run(
+                "finetune", *FINETUNE, "--model_name_or_path", str(out / "train"), "--output_dir", str(out / "finetune")
+            )
+    finally:
+        os.umask(mask)
+    return {"train": out / "train", "finetune": out / "finetune", "warnings": caught, "console": console.getvalue()}
+
+
+@pytest.mark.parametrize("job", ["train", "finetune"])
+def test_every_file_in_the_run_folder_follows_the_umask(runs, job):
+    """Under umask 027 every file is created 0640 and every folder 0750, the weights included:
+    safetensors writes them through a temporary file made 0600, whatever the umask."""
+    weights = {
+        "train": ["model.safetensors", "checkpoint-4/model.safetensors"],
+        "finetune": ["adapter_model.safetensors"],
+    }
+    assert all((runs[job] / name).is_file() for name in weights[job])
+    modes = {str(p.relative_to(runs[job])): p.stat().st_mode & 0o777 for p in runs[job].rglob("*")}
+    wrong = {
+        name: oct(mode) for name, mode in modes.items() if mode != (0o750 if (runs[job] / name).is_dir() else 0o640)
+    }
+    assert wrong == {}
+
+
+def test_the_console_off_a_terminal_has_no_bars_and_logs_numbers(runs):
+    """Captured (not a terminal), the runs' output holds no carriage return or escape code and no
+    library progress bar, and each value logged in training is printed as a number: it reads back as
+    the float trainer_state.json holds, to the 4 digits shown."""
+    text = runs["console"]
+    assert "\r" not in text and "\x1b" not in text
+    assert "Loading weights" not in text and "Writing model shards" not in text and "it/s]" not in text
+    history = json.loads((runs["train"] / "trainer_state.json").read_text())["log_history"]
+    for key in ("eval_agreement", "kd_loss", "loss"):
+        logged = [entry[key] for entry in history if key in entry]
+        shown = re.findall(rf"'{key}': ([^,}}]+)", text)  # the train run's first, then the finetune run's
+        assert logged and shown, key
+        for printed, value in zip(shown, logged):
+            assert float(printed) == pytest.approx(value, rel=1e-3, abs=1e-12), key
+
+
+def on_a_terminal(argv: list[str]) -> str:
+    """What ``python -m distill.cli ARGV`` writes to a terminal (a pseudo-terminal, 120 columns)."""
+    main_end, child_end = pty.openpty()
+    fcntl.ioctl(child_end, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "distill.cli", *argv], cwd=ROOT, stdin=child_end,
+                            stdout=child_end, stderr=child_end)  # fmt: skip
+    os.close(child_end)
+    chunks = []
+    with contextlib.suppress(OSError):  # EIO once the child has exited and closed its end
+        while chunk := os.read(main_end, 1 << 16):
+            chunks.append(chunk)
+    os.close(main_end)
+    assert proc.wait() == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_on_a_terminal_a_run_draws_one_bar_the_training_steps(tmp_path):
+    """Model loading and saving draw none, and the evaluations (one before training, one in it, one
+    after) none: the only bar counts the optimizer steps, and nothing is drawn nested in it (no
+    cursor-up escape)."""
+    text = on_a_terminal(["train", *TRAIN, "--output_dir", str(tmp_path / "out"), "--eval_steps", "2"])
+    states = [line for line in text.replace("\r", "\n").splitlines() if re.search(r"\d+%\|", line)]
+    totals = {re.search(r"\| *\d+/(\d+)", line)[1] for line in states}
+    assert states and totals == {"4"} and "\x1b[A" not in text
+    assert re.search(r"'eval_agreement': \d", text)  # the evaluations are logged, as numbers
 
 
 def card_of(folder):
