@@ -22,7 +22,7 @@ from transformers.pytorch_utils import Conv1D
 
 from distill.config import ModelArguments
 from distill.errors import UserError
-from distill.models import _hub_error, load_model, load_tokenizer, resolve, torch_dtype
+from distill.models import _hub_error, follow_umask, load_model, load_tokenizer, resolve, torch_dtype
 
 ALL_LINEAR = "all-linear"
 
@@ -184,4 +184,5 @@ def merge(adapter_dir: str, output_dir: str, base: str | None = None, dtype: str
         AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(output_dir)
     else:
         load_tokenizer(base).save_pretrained(output_dir)
+    follow_umask(output_dir)
     return f"merged {adapter_dir} into {base}; full model saved to {output_dir}"

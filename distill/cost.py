@@ -73,7 +73,7 @@ def peak_for(accelerator: str) -> tuple[str, float]:
     if found is None:
         raise UserError(
             f"unknown accelerator {accelerator!r}; known: {', '.join(PEAK_TFLOPS)}. "
-            "Give its dense bf16 peak instead (--peak-tflops / peak_tflops)."
+            "Give its dense bf16 peak instead (--peak_tflops / peak_tflops)."
         )
     return found
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -208,3 +209,17 @@ def vocab_sizes_fit(tokenizer: PreTrainedTokenizerBase, *models) -> None:
                 f"{model.name_or_path} has {width} output logits but the tokenizer has {len(tokenizer)} tokens; "
                 "the model and tokenizer do not belong together"
             )
+
+
+def follow_umask(folder: str | os.PathLike) -> None:
+    """Give the ``*.safetensors`` files under ``folder`` the mode every other file there has.
+
+    safetensors (0.8) writes a file through a temporary file, which is created 0600 whatever the
+    umask, and renames it into place: model.safetensors (and a LoRA run's adapter_model.safetensors)
+    would then be unreadable to the group and others who can read the rest of the run, e.g. a
+    serving or evaluation job under another user. A plain ``open`` creates 0666 less the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in Path(folder).rglob("*.safetensors"):
+        if path.is_file():
+            path.chmod(0o666 & ~mask)

@@ -156,7 +156,7 @@ def render_plan(p: dict) -> str:
             else "  the student is not cheaper per token than the teacher: distillation never pays for itself"
         )
     if p["cost_usd"] is None:
-        lines.append("  (give --price $/GPU-hour for dollar figures)")
+        lines.append("  (give --gpu_hour_price $/GPU-hour for dollar figures)")
     return "\n".join(lines)
 
 

@@ -99,7 +99,7 @@ class PruneConfig:
     def __post_init__(self):
         for key in ("teacher_model_name_or_path", "dataset", "output_dir"):
             if not getattr(self, key):
-                raise UserError(f"{key} is required (see `distill prune --help-keys`)")
+                raise UserError(f"{key} is required (see `distill prune --help_keys`)")
         if self.depth_importance not in DEPTH_IMPORTANCE:
             raise UserError(
                 f"unknown depth_importance {self.depth_importance!r}; choose one of {', '.join(DEPTH_IMPORTANCE)}"

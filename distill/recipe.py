@@ -129,7 +129,7 @@ def _refuse_unknown(data: dict, known) -> None:
             f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, n=1)) else "")
             for k in unknown
         )
-        raise UserError(f"unknown recipe key {hint}. Run the command with --help-keys to list every key.")
+        raise UserError(f"unknown recipe key {hint}. Run the command with --help_keys to list every key.")
 
 
 def fields(dataclass_types: tuple) -> dict:
@@ -162,7 +162,7 @@ def parse(data: dict, dataclass_types: tuple) -> tuple:
 
 
 def describe(dataclass_types: tuple) -> str:
-    """Every recipe key with its default and help, for `--help-keys`."""
+    """Every recipe key with its default and help, for `--help_keys`."""
     lines = []
     for cls in dataclass_types:
         lines.append(f"\n[{cls.__name__}]")

@@ -25,6 +25,7 @@ from distill.models import (
     check_max_length,
     check_same_tokenizer,
     file_damage,
+    follow_umask,
     load_model,
     load_tokenizer,
     resolve,
@@ -209,20 +210,6 @@ def train_and_save(trainer, recipe: dict, resume: str | None, summarize) -> dict
         write_model_card(trainer, recipe, metrics, config.output_dir)
         print(summarize(trainer, metrics, config.output_dir))
     return metrics
-
-
-def follow_umask(folder: str | os.PathLike) -> None:
-    """Give the ``*.safetensors`` files under ``folder`` the mode every other file there has.
-
-    safetensors (0.8) writes a file through a temporary file, which is created 0600 whatever the
-    umask, and renames it into place: model.safetensors (and a LoRA run's adapter_model.safetensors)
-    would then be unreadable to the group and others who can read the rest of the run, e.g. a
-    serving or evaluation job under another user. A plain ``open`` creates 0666 less the umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for path in Path(folder).rglob("*.safetensors"):
-        if path.is_file():
-            path.chmod(0o666 & ~mask)
 
 
 class CheckpointModes(TrainerCallback):
