@@ -23,10 +23,11 @@ from distill.chunked import final_hidden_states, output_weight, supports_chunked
 from distill.config import DistillConfig
 from distill.cost import CostCallback
 from distill.errors import NonFiniteError, ServerError, UserError
-from distill.losses import IGNORE_INDEX, top1_agreement
+from distill.losses import IGNORE_INDEX
 from distill.on_policy import StudentServer, is_on_policy, on_policy_batch, prompts_of, sample, step_seed, stop_ids
 from distill.placement import sharding
 from distill.teacher import as_source, no_teacher
+from distill.xtoken import unaligned_targets
 
 
 class MeteredTrainer(Trainer):
@@ -105,6 +106,7 @@ class DistillTrainer(MeteredTrainer):
         # loss is told the run's mixed-precision dtype for its output-layer matmuls.
         self._compute_dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
         self._train_sums = torch.zeros(2)  # kd, ce since the last log, each already a step mean
+        self._unaligned_sums = torch.zeros(2)  # target tokens with no teacher position, target tokens
         self._eval_sums = torch.zeros(4)  # kd*tokens, ce*tokens, agreeing tokens, tokens
         self._last_logged_step = None  # the global step before the first micro-batch since the last log
         # on-policy micro-batches, micro-batches, sampled sequences, sampled tokens, teacher-scored reverse
@@ -208,6 +210,10 @@ class DistillTrainer(MeteredTrainer):
             if self._last_logged_step is None:
                 self._last_logged_step = self.state.global_step
             self._train_sums += torch.stack([out.kd, out.ce]).cpu()
+            if "alignment" in inputs:  # a teacher with another tokenizer (distill.xtoken)
+                self._unaligned_sums += torch.tensor(
+                    [unaligned_targets(inputs["alignment"], inputs["labels"]), int(out.num_tokens)], dtype=torch.float
+                )
         else:
             matches, tokens = agreement
             self._eval_sums += torch.stack([out.kd * tokens, out.ce * tokens, matches, tokens]).float().cpu()
@@ -253,7 +259,7 @@ class DistillTrainer(MeteredTrainer):
             except ServerError as err:
                 raise self._server_stopped(err, evaluating) from err
         out = self._loss(student, targets, labels, kw, bill=not evaluating)
-        agreement = top1_agreement(*self._top1(student, targets), labels) if evaluating else None
+        agreement = targets.agreement(*self._top1(student, targets), labels) if evaluating else None
         return out, outputs, agreement, student, targets
 
     def _loss(self, student: tuple, targets, labels, kw: dict, bill: bool, tag: str = ""):
@@ -376,6 +382,10 @@ class DistillTrainer(MeteredTrainer):
             )
             if self.args.alpha > 0:  # at alpha 0 no teacher ran in training: there is no kd_loss
                 logs["kd_loss"] = kd / per
+            unaligned, tokens = self._reduce(self._unaligned_sums).tolist()
+            if tokens:  # the share of target tokens trained on the labels only, never hidden
+                logs["unaligned_share"] = unaligned / tokens
+            self._unaligned_sums.zero_()
             logs["ce_loss"] = ce / per
             self._train_sums.zero_()
             self._last_logged_step = None
