@@ -141,7 +141,8 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         )
     cross = None
     if teacher_tokenizer is not None:
-        vocab_map = run_vocab_map(config, data_args, tokenizer, teacher_tokenizer)
+        with config.main_process_first(desc="vocabulary map"):  # the others read the map process 0 wrote
+            vocab_map = run_vocab_map(config, data_args, tokenizer, teacher_tokenizer)
         cross = coverage(train_data, eval_data)
         if config.process_index == 0:
             print(coverage_line(cross, tokenizer, teacher_tokenizer), flush=True)

@@ -152,7 +152,7 @@ def test_bad_cross_tokenizer_input_is_one_clear_error_before_models_load(tmp_pat
         changes, needle = {"dataset": str(DATA / "chat_train.jsonl"), "eval_dataset": None}, "no chat template"
     else:
         changes = {"dataset": str(DATA / "domain_train.jsonl"), "eval_dataset": None, "lmbda": 0.5}
-        needle = "on-policy"
+        needle = "re-tokenised for the teacher"
     monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
     monkeypatch.setattr(train.adapters, "load_student", lambda *a, **k: pytest.fail("a model loaded"))
     with pytest.raises(UserError, match=needle):
