@@ -242,7 +242,13 @@ def build(
     if server is not None:
         teacher_size = check_run(server, config, data_args, model_args, tokenizer)
     else:
-        check_same_tokenizer(tokenizer, load_tokenizer(config.teacher_model_name_or_path))
+        check_same_tokenizer(
+            tokenizer,
+            load_tokenizer(config.teacher_model_name_or_path),
+            "A top-k cache of a teacher with another tokenizer is not implemented yet: train with the live "
+            "teacher instead (`distill train` with teacher_model_name_or_path and no teacher_cache aligns the "
+            "two tokenizers itself).",
+        )
     with config.main_process_first(desc="tokenizing"):
         train_data, eval_data = build_datasets(data_args, tokenizer, seed=config.seed)
     splits = {name: d for name, d in (("train", train_data), ("eval", eval_data)) if d is not None}

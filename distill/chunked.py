@@ -40,7 +40,14 @@ from functools import partial
 import torch
 from torch import nn
 
-from distill.losses import IGNORE_INDEX, DistillationLoss, TopKTargets, _check_loss_type, divergence_and_grad_
+from distill.losses import (
+    IGNORE_INDEX,
+    DistillationLoss,
+    TopKTargets,
+    _check_loss_type,
+    divergence_and_grad_,
+    xtoken_token_divergence,
+)
 
 # Default rows per chunk: an eighth of the target tokens, so that the chunk's ~4 logits-sized
 # buffers stay under one full logits tensor, and at most 1024, enough rows that the output-layer
@@ -392,3 +399,95 @@ def top1_rows(hidden: torch.Tensor, weight: torch.Tensor, vocab: int | None = No
     w = weight[:vocab].to(rows.dtype)
     top1 = torch.cat([(rows[i : i + chunk_size] @ w.T).argmax(-1) for i in range(0, len(rows), chunk_size)])
     return top1.view(hidden.shape[:-1])
+
+
+# --- A teacher with another tokenizer ----------------------------------------------------------------
+
+
+def chunked_xtoken_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    targets: TopKTargets,
+    alignment: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_map,
+    *,
+    method: str = "projected",
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    loss_type: str = "forward_kl",
+    beta: float = 0.5,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> DistillationLoss:
+    """:func:`distill.losses.xtoken_distillation_loss` of ``student_hidden @ student_weight.T``,
+    without materialising the student's logits: a chunk of target rows at a time, their logits
+    (rows x the student tokenizer's ids), the loss, and at once its gradients for ``h_S`` and
+    ``W_S`` (by autograd on the chunk: the projected, ULD and hybrid divergences have no closed-form
+    gradient written here), kept unnormalised in fp32 until backward as in `_ChunkedKD`. The
+    teacher's vocabulary appears only inside the divergence, a chunk of rows at a time."""
+    _check_loss_type(loss_type)
+    vocab = vocab_map.ids.shape[0]
+    target = labels[:, 1:].ne(IGNORE_INDEX)
+    h_s = student_hidden[:, :-1][target]
+    y = labels[:, 1:][target]
+    where = alignment[:, :-1][target]
+    batch = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(target)[target]
+    teacher = TopKTargets(*(x[batch, where.clamp(min=0)] for x in targets))  # rows with where < 0: unused
+    num_tokens = target.sum()
+    denom = num_items_in_batch if num_items_in_batch is not None else num_tokens
+    denom = torch.as_tensor(denom, device=h_s.device, dtype=torch.float32).clamp(min=1)
+    chunk_size = chunk_size or min(MAX_CHUNK_ROWS, max(1, math.ceil(len(y) / 8)))
+    if compute_dtype is None:
+        autocast = torch.is_autocast_enabled(h_s.device.type)
+        compute_dtype = torch.get_autocast_dtype(h_s.device.type) if autocast else h_s.dtype
+    loss, kd, ce = _ChunkedXToken.apply(
+        h_s, student_weight, teacher, where.ge(0), y, denom, vocab, vocab_map, chunk_size, compute_dtype,
+        torch.is_grad_enabled(), (method, alpha, temperature, loss_type, beta),
+    )  # fmt: skip
+    return DistillationLoss(loss, kd, ce, num_tokens)
+
+
+class _ChunkedXToken(torch.autograd.Function):
+    """(loss, kd, ce) from gathered target rows against cross-tokenizer targets; gradients for h_S
+    and W_S computed in forward, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, teacher, aligned, y, denom, vocab, vocab_map, chunk_size, dtype, grad_enabled, loss):
+        method, alpha, temperature, loss_type, beta = loss
+        need_h, need_w = grad_enabled and h_s.requires_grad, grad_enabled and w_s.requires_grad
+        w = w_s.detach()[:vocab].requires_grad_(need_w)
+        grad_h = torch.zeros(h_s.shape, dtype=torch.float32, device=h_s.device) if need_h else None
+        grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device) if need_w else None
+        kd_sum = ce_sum = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        with torch.autocast(device_type=h_s.device.type, enabled=False), torch.enable_grad():
+            for i in range(0, len(y), chunk_size):
+                h = h_s.detach()[i : i + chunk_size].requires_grad_(need_h)
+                logits = (h.to(dtype) @ w.to(dtype).T).float()
+                rows = aligned[i : i + chunk_size]
+                t = TopKTargets(*(x[i : i + chunk_size][rows] for x in teacher))
+                kd = xtoken_token_divergence(logits[rows], t, vocab_map, method, loss_type, temperature, beta).sum()
+                ce = torch.nn.functional.cross_entropy(logits, y[i : i + chunk_size], reduction="sum")
+                if need_h or need_w:
+                    total = alpha * temperature**2 * kd + (1.0 - alpha) * ce
+                    inputs = [x for x, need in ((h, need_h), (w, need_w)) if need]
+                    grads = list(torch.autograd.grad(total, inputs))
+                    if need_h:
+                        grad_h[i : i + chunk_size] = grads.pop(0)
+                    if need_w:
+                        grad_w[:vocab] += grads.pop(0)
+                kd_sum, ce_sum = kd_sum + kd.detach(), ce_sum + ce.detach()
+        kd, ce = kd_sum * temperature**2 / denom, ce_sum / denom
+        ctx.grads, ctx.denom, ctx.dtypes = (grad_h, grad_w), denom, (h_s.dtype, w_s.dtype)
+        ctx.mark_non_differentiable(kd, ce)
+        return alpha * kd + (1.0 - alpha) * ce, kd, ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kd, _grad_ce):
+        if ctx.grads is None:
+            raise RuntimeError("the chunked distillation loss supports a single backward pass")
+        grads, ctx.grads = ctx.grads, None
+        scale = grad_loss.to(ctx.denom.dtype) / ctx.denom
+        grad_h, grad_w = (g.mul_(scale).to(d) if g is not None else None for g, d in zip(grads, ctx.dtypes))
+        return (grad_h, grad_w) + (None,) * 10

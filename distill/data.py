@@ -17,6 +17,7 @@ import datasets
 import torch
 
 from distill import xtoken
+from distill.chat import assistant_spans
 from distill.config import DataArguments
 from distill.errors import UserError
 from distill.losses import IGNORE_INDEX
@@ -103,29 +104,6 @@ def _prompt_only(row, tokenizer, max_length):
     return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids)}
 
 
-def assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans the assistant wrote.
-
-    Rendering turns 0..i with a generation prompt and then 0..i+1 must extend the same string; the
-    difference is turn i+1's assistant text plus its end marker. Templates that rewrite earlier
-    turns (some strip reasoning from old turns) break that, and are refused rather than mis-masked.
-    """
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not (upto.startswith(before) and full.startswith(upto)):
-            raise UserError(
-                "the chat template does not render conversations prefix-stably, so assistant tokens cannot "
-                "be located; convert the data to prompt/completion form instead"
-            )
-        spans.append((len(before), len(upto)))
-    return full, spans
-
-
 def _messages(row, tokenizer, max_length):
     text, spans = assistant_spans(row["messages"], tokenizer)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -172,11 +150,20 @@ def check_has_targets(rows: datasets.Dataset, fmt: str, name: str) -> None:
 
 
 def tokenize(
-    rows: datasets.Dataset, tokenizer, max_length: int, name: str = "dataset", prompts_only: bool = False
+    rows: datasets.Dataset,
+    tokenizer,
+    max_length: int,
+    name: str = "dataset",
+    prompts_only: bool = False,
+    teacher_tokenizer=None,
+    teacher_max_length: int | None = None,
 ) -> datasets.Dataset:
     """Token ids and labels (-100: not a target) of every row. ``prompts_only``: a `prompt`-only
     dataset is accepted, its rows all prompt and no target (fully on-policy training samples every
-    completion); elsewhere it is refused, having nothing to train or evaluate on."""
+    completion); elsewhere it is refused, having nothing to train or evaluate on.
+
+    ``teacher_tokenizer``: a teacher with another tokenizer; each row also gets ``teacher_input_ids``
+    and ``alignment`` (`tokenize_pair`), and ``text`` rows are one document each, not packed."""
     fmt = detect_format(rows, name)
     if len(rows) == 0:
         raise UserError(f"{name} is empty: it has no rows to train or evaluate on")
@@ -199,7 +186,18 @@ def tokenize(
     if fmt == "messages" and not tokenizer.chat_template:
         raise UserError(f"{name} is chat data (`messages`) but the tokenizer has no chat template")
     check_has_targets(rows, fmt, name)
-    if fmt == "text":
+    if teacher_tokenizer is not None:
+        if fmt == "messages" and not teacher_tokenizer.chat_template:
+            raise UserError(
+                f"{name} is chat data (`messages`) but the teacher's tokenizer has no chat template; cross-tokenizer "
+                "distillation renders each side with its own template (give the teacher its instruct tokenizer)"
+            )
+        kw = {"tokenizer": tokenizer, "teacher_tokenizer": teacher_tokenizer, "max_length": max_length}
+        out = rows.map(
+            tokenize_pair, fn_kwargs=kw | {"teacher_max_length": teacher_max_length},
+            remove_columns=rows.column_names, desc=f"Tokenizing {name} for both tokenizers",
+        )  # fmt: skip
+    elif fmt == "text":
         out = rows.map(
             _pack_text, batched=True, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
             remove_columns=rows.column_names, desc=f"Tokenizing and packing {name}",
@@ -217,10 +215,17 @@ def tokenize(
     return out
 
 
-def build_datasets(args: DataArguments, tokenizer, seed: int = 0, prompts_only: bool = False):
+def build_datasets(
+    args: DataArguments,
+    tokenizer,
+    seed: int = 0,
+    prompts_only: bool = False,
+    teacher_tokenizer=None,
+    teacher_max_length: int | None = None,
+):
     """(train, eval or None), tokenized. The held-out split is cut from raw rows, before packing,
     so no text is shared between the two. ``prompts_only``: the training data may be prompts alone
-    (see `tokenize`)."""
+    (see `tokenize`). ``teacher_tokenizer``: a teacher with another tokenizer (see `tokenize`)."""
     train_rows = load_rows(args.dataset, args.dataset_config, args.dataset_split)
     if args.max_train_samples is not None:
         train_rows = train_rows.select(range(min(args.max_train_samples, len(train_rows))))
@@ -232,10 +237,12 @@ def build_datasets(args: DataArguments, tokenizer, seed: int = 0, prompts_only: 
         train_rows, eval_rows = split["train"], split["test"]
     if eval_rows is not None and args.max_eval_samples is not None:
         eval_rows = eval_rows.select(range(min(args.max_eval_samples, len(eval_rows))))
-    train = tokenize(train_rows, tokenizer, args.max_length, f"dataset {args.dataset}", prompts_only)
+    pair = {"teacher_tokenizer": teacher_tokenizer, "teacher_max_length": teacher_max_length}
+    train = tokenize(train_rows, tokenizer, args.max_length, f"dataset {args.dataset}", prompts_only, **pair)
     evaluation = None
     if eval_rows is not None:
-        evaluation = tokenize(eval_rows, tokenizer, args.max_length, f"eval data {args.eval_dataset or args.dataset}")
+        name = f"eval data {args.eval_dataset or args.dataset}"
+        evaluation = tokenize(eval_rows, tokenizer, args.max_length, name, **pair)
     return train, evaluation
 
 
@@ -262,17 +269,30 @@ def tokenize_pair(
     }
 
 
+def unaligned_share(rows: datasets.Dataset) -> tuple[int, int]:
+    """(target tokens with no teacher position, target tokens) of rows made by `tokenize_pair`."""
+    unaligned = targets = 0
+    for batch in rows.select_columns(["alignment", "labels"]).iter(batch_size=1024):
+        for alignment, labels in zip(batch["alignment"], batch["labels"]):
+            unaligned += xtoken.unaligned_targets(alignment, labels)
+            targets += sum(y != IGNORE_INDEX for y in labels[1:])
+    return unaligned, targets
+
+
 class Collator:
     """Right-pads a list of tokenized rows into tensors; labels pad with -100.
 
     Lengths are rounded up to a multiple of ``pad_to_multiple_of`` so that variable-length data
     produces few distinct batch shapes (tensor-core friendly, and the cost meter counts FLOPs once
-    per shape).
+    per shape). Rows of a teacher with another tokenizer (`tokenize_pair`) also give
+    ``teacher_input_ids`` (padded with ``teacher_pad_token_id``), ``teacher_attention_mask`` and
+    ``alignment`` (padded with -1: no teacher position).
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 8):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 8, teacher_pad_token_id: int | None = None):
         self.pad_token_id = pad_token_id
         self.multiple = pad_to_multiple_of
+        self.teacher_pad_token_id = teacher_pad_token_id
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(r["input_ids"]) for r in rows)
@@ -285,4 +305,22 @@ class Collator:
             ids[i, :n] = torch.tensor(r["input_ids"])
             labels[i, :n] = torch.tensor(r["labels"])
             mask[i, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if "teacher_input_ids" in rows[0]:
+            batch |= self._teacher_side(rows, width)
+        return batch
+
+    def _teacher_side(self, rows: list[dict], width: int) -> dict[str, torch.Tensor]:
+        if self.teacher_pad_token_id is None:
+            raise ValueError("rows with teacher_input_ids need Collator(teacher_pad_token_id=...)")
+        longest = max(len(r["teacher_input_ids"]) for r in rows)
+        t_width = -(-longest // self.multiple) * self.multiple
+        ids = torch.full((len(rows), t_width), self.teacher_pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), t_width), dtype=torch.long)
+        alignment = torch.full((len(rows), width), -1, dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["teacher_input_ids"])
+            ids[i, :n] = torch.tensor(r["teacher_input_ids"])
+            mask[i, :n] = 1
+            alignment[i, : len(r["alignment"])] = torch.tensor(r["alignment"])
+        return {"teacher_input_ids": ids, "teacher_attention_mask": mask, "alignment": alignment}

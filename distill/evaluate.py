@@ -293,7 +293,14 @@ def run(args) -> dict:
     out = Path(args.output_dir) if args.output_dir else default_output_dir(args.run_dir, args.student)
 
     tokenizer = load_tokenizer(adapter_base(args.student) or args.student)  # an adapter keeps its base's tokenizer
-    check_same_tokenizer(tokenizer, load_tokenizer(args.teacher))
+    check_same_tokenizer(
+        tokenizer,
+        load_tokenizer(args.teacher),
+        "distill eval compares the two models id by id (KL, top-1 agreement, per-token perplexity), which "
+        "another tokenizer does not allow. For a pair trained with `distill train` across tokenizers, the "
+        "run's held-out agreement (eval_agreement in its metrics.json: the student's top-1 mapped into the "
+        "teacher's vocabulary, at aligned positions) is the comparable number.",
+    )
     rows = load_rows(args.data, split=args.split)
     if args.max_samples is not None:
         rows = rows.select(range(min(args.max_samples, len(rows))))

@@ -179,18 +179,29 @@ def load_model(name_or_path: str, dtype: str = "float32", attn_implementation: s
         raise _hub_error(name_or_path, err) from err
 
 
-def check_same_tokenizer(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> None:
-    """Logit distillation compares distributions id by id, so both sides must mean the same thing by
-    every id. Embedding padding (a wider teacher head, or a GGUF's placeholder tokens for it) is fine;
-    a different vocabulary is not."""
-    vs, vt = _real_vocab(student), _real_vocab(teacher)
-    if vs == vt:
+def same_tokenizer(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> bool:
+    """Whether both sides mean the same thing by every id, so that distributions compare id by id.
+    Embedding padding (a wider teacher head, or a GGUF's placeholder tokens for it) is fine; a
+    different vocabulary is not (`distill train` then aligns the two, distill.xtoken)."""
+    return _real_vocab(student) == _real_vocab(teacher)
+
+
+def check_same_tokenizer(
+    student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, fix: str | None = None
+) -> None:
+    """Refuse two tokenizers that are not the same (`same_tokenizer`), for what compares id by id."""
+    if same_tokenizer(student, teacher):
         return
+    vs, vt = _real_vocab(student), _real_vocab(teacher)
     differing = sorted(set(vs.items()) ^ set(vt.items()), key=lambda kv: kv[1])[:5]
     raise UserError(
         f"teacher and student tokenizers differ (student {len(vs)} tokens, teacher {len(vt)}; e.g. "
-        f"{differing}). Logit distillation needs one tokenizer: pick models of the same family, or "
-        "distill from teacher generations instead (sequence-level KD)."
+        f"{differing}). "
+        + (
+            fix
+            or "This needs one tokenizer: pick models of the same family, or distill from teacher generations "
+            "instead (sequence-level KD)."
+        )
     )
 
 

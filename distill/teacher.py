@@ -7,7 +7,8 @@ source             recipe                          targets
 =================  =============================  ===============================================
 ``ModelTeacher``   ``teacher_model_name_or_path``  ``Logits`` (reference loss), or ``Hidden``: final
                                                    hidden states + output weight (chunked loss:
-                                                   the logits are never made)
+                                                   the logits are never made); ``CrossTopK`` for a
+                                                   teacher with another tokenizer (distill.xtoken)
 ``CachedTeacher``  ``teacher_cache``               ``TopK`` read from disk, carried by the batch
                                                    (``teacher_cache.TargetsCollator``)
 ``ServedTeacher``  ``teacher_server``              ``TopK`` from a vLLM server, requested when the
@@ -29,7 +30,8 @@ The trainer knows sources and targets only through these methods, never through 
 - targets: ``vocab(student_width)`` (the ids both sides cover), ``on_logits`` / ``on_hidden`` (the KD
   loss against the student's logits or final hidden states: :mod:`distill.losses` /
   :mod:`distill.chunked`), ``output_layers`` (what the chunked loss computes per target row, for the
-  bill), ``top1`` (for agreement) and ``tensors`` (to name the side that went non-finite).
+  bill), ``top1`` and ``agreement`` (top-1 agreement with the student) and ``tensors`` (to name the
+  side that went non-finite).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import torch
 from distill.chunked import (
     chunked_distillation_loss,
     chunked_topk_distillation_loss,
+    chunked_xtoken_distillation_loss,
     final_hidden_states,
     output_weight,
     supports_chunked_loss,
@@ -50,10 +53,19 @@ from distill.chunked import (
 )
 from distill.flops import ModelSize
 from distill.hidden import captured_layers
-from distill.losses import TopKTargets, distillation_loss, topk_distillation_loss
+from distill.losses import (
+    IGNORE_INDEX,
+    TopKTargets,
+    distillation_loss,
+    teacher_topk,
+    top1_agreement,
+    topk_distillation_loss,
+    xtoken_distillation_loss,
+)
 from distill.placement import describe, parameter_bytes, place_teacher
 from distill.teacher_cache import TeacherCache
 from distill.teacher_server import TeacherServer
+from distill.xtoken import VocabMap
 
 # --- targets ---------------------------------------------------------------------------------------
 
@@ -73,6 +85,9 @@ class Logits(NamedTuple):
 
     def top1(self, vocab: int) -> torch.Tensor:
         return self.logits[..., :vocab].argmax(-1)
+
+    def agreement(self, student_top1, teacher_top1, labels):
+        return top1_agreement(student_top1, teacher_top1, labels)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.logits]
@@ -102,6 +117,9 @@ class Hidden(NamedTuple):
     def top1(self, vocab: int) -> torch.Tensor:
         return top1_rows(self.hidden, self.weight, vocab)
 
+    def agreement(self, student_top1, teacher_top1, labels):
+        return top1_agreement(student_top1, teacher_top1, labels)
+
     def tensors(self) -> list[torch.Tensor]:
         return [self.hidden, self.weight]
 
@@ -129,8 +147,58 @@ class TopK(NamedTuple):
     def top1(self, vocab: int) -> torch.Tensor:
         return self.targets.ids[..., 0]
 
+    def agreement(self, student_top1, teacher_top1, labels):
+        return top1_agreement(student_top1, teacher_top1, labels)
+
     def tensors(self) -> list[torch.Tensor]:
         # A tail may be -inf (k = vocabulary), never NaN; positions without a target hold zeros.
+        return [self.targets.logprobs, self.targets.tail.nan_to_num(neginf=0.0)]
+
+
+class CrossTopK(NamedTuple):
+    """A teacher with another tokenizer: its top-k over its own tokenizer's ids at its own positions,
+    compared with the student at aligned positions through the vocabulary map (distill.xtoken, the
+    cross-tokenizer losses at the end of distill.losses; the chunked one in distill.chunked). The
+    teacher's vocabulary is only ever taken a chunk of rows at a time: no (batch, seq, teacher vocab)
+    tensor is made, on either path."""
+
+    targets: TopKTargets  # (batch, teacher seq, k) over the teacher tokenizer's ids; (batch, teacher seq) tail
+    alignment: torch.Tensor  # (batch, student seq): the teacher position aligned with each, -1 where none
+    vocab_map: VocabMap
+    method: str  # projected | uld | hybrid
+
+    def vocab(self, student_width: int) -> int:
+        return self.vocab_map.ids.shape[0]  # the student tokenizer's ids: padded logits are no token
+
+    def on_logits(self, logits, labels, vocab: int, kw: dict):
+        return xtoken_distillation_loss(
+            logits, self.targets, self.alignment, labels, self.vocab_map, method=self.method, **kw
+        )
+
+    def on_hidden(self, hidden, weight, labels, vocab: int, kw: dict, compute_dtype):
+        return chunked_xtoken_distillation_loss(
+            hidden, weight, self.targets, self.alignment, labels, self.vocab_map, method=self.method,
+            compute_dtype=compute_dtype, **kw,
+        )  # fmt: skip
+
+    def output_layers(self, student_hidden: int, vocab: int) -> tuple[tuple, int]:
+        # The teacher's output layer ran in its forward (its top-k): nothing of it is in the loss.
+        return ("cross-tokenizer", self.method, student_hidden, vocab, self.targets.ids.shape[-1]), 0
+
+    def top1(self, vocab: int) -> torch.Tensor:
+        return self.targets.ids[..., 0]  # the teacher's, on its own positions
+
+    def agreement(self, student_top1, teacher_top1, labels):
+        """(matches, aligned target positions): the student's top-1, mapped into the teacher's vocabulary
+        (the teacher token its mass goes to, `VocabMap.ids[:, 0]`), is the teacher's top-1 at the aligned
+        position. Unaligned positions are in neither count (they are reported as the unaligned share)."""
+        where = self.alignment[:, :-1]
+        mask = labels[:, 1:].ne(IGNORE_INDEX) & where.ge(0)
+        mapped = self.vocab_map.ids[:, 0].to(student_top1.device)[student_top1[:, :-1]]
+        theirs = teacher_top1.gather(1, where.clamp(min=0))
+        return (mapped.eq(theirs) & mask).sum(), mask.sum()
+
+    def tensors(self) -> list[torch.Tensor]:
         return [self.targets.logprobs, self.targets.tail.nan_to_num(neginf=0.0)]
 
 
@@ -148,17 +216,27 @@ def no_teacher(labels: torch.Tensor, student_logits: torch.Tensor | None, vocab:
 
 
 class ModelTeacher:
-    """The teacher model in this process: frozen, placed next to the student (distill.placement)."""
+    """The teacher model in this process: frozen, placed next to the student (distill.placement).
+
+    With ``vocab_map`` (a teacher with another tokenizer, distill.xtoken) it runs on the batch's
+    ``teacher_input_ids`` and gives ``CrossTopK`` targets: its ``top_k`` most likely ids over its
+    tokenizer's ids at every position, at the run's temperature, made a chunk of rows at a time from
+    its final hidden states where the model allows it."""
 
     source = "model"
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(
+        self, model: torch.nn.Module, vocab_map: VocabMap | None = None, method: str = "projected", top_k: int = 64
+    ):
         self.model = model
+        self.vocab_map, self.method, self.top_k = vocab_map, method, top_k
+        self.temperature = 1.0  # the run's, set by attach
 
     def attach(self, trainer) -> None:
         """Freeze and place the teacher as the student is placed (replicated or sharded), and say
         what each process holds."""
         self.model = place_teacher(self.model, trainer.model, trainer.accelerator)
+        self.temperature = trainer.args.temperature
         held, full = parameter_bytes(self.model)
         # Shards can differ by a little; the process holding the most is the one that may not fit.
         held = int(trainer.accelerator.gather(torch.tensor([held], device=trainer.args.device)).max())
@@ -167,11 +245,15 @@ class ModelTeacher:
 
     @property
     def chunkable(self) -> bool:
-        return supports_chunked_loss(self.model)
+        # Cross-tokenizer: the teacher's top-k is made here, from its logits if its head is not plain.
+        return self.vocab_map is not None or supports_chunked_loss(self.model)
 
     @torch.no_grad()
-    def targets(self, inputs: dict, chunked: bool, cost=None, layers: list[int] = ()) -> Logits | Hidden:
-        """The targets, carrying the outputs of the decoder ``layers`` (captured in the same forward)."""
+    def targets(self, inputs: dict, chunked: bool, cost=None, layers: list[int] = ()) -> Logits | Hidden | CrossTopK:
+        """The targets, carrying the outputs of the decoder ``layers`` (captured in the same forward;
+        none across tokenizers, where the teacher's positions are not the student's)."""
+        if self.vocab_map is not None:
+            return self._cross_targets(inputs, cost)
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
         with (
             cost.teacher_forward(inputs) if cost else contextlib.nullcontext(),
@@ -182,6 +264,48 @@ class ModelTeacher:
             with final_hidden_states(self.model) as captured:
                 self.model(**model_inputs, logits_to_keep=1)
         return Hidden(captured["hidden"], output_weight(self.model), states)
+
+    def _cross_targets(self, inputs: dict, cost) -> CrossTopK:
+        """The teacher's top-k at the teacher positions that some student target position is aligned
+        with (zeros elsewhere, as a cache's off-target rows): the loss and agreement read no others."""
+        ids, alignment, labels = inputs["teacher_input_ids"], inputs["alignment"], inputs["labels"]
+        model_inputs = {"input_ids": ids, "attention_mask": inputs.get("teacher_attention_mask")}
+        vocab = self.vocab_map.teacher_vocab_size  # the tokenizer's ids: a padded head's rows are no token
+        where = alignment[:, :-1]
+        used = labels[:, 1:].ne(IGNORE_INDEX) & where.ge(0)
+        needed = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+        needed[torch.arange(len(ids), device=ids.device)[:, None].expand_as(where)[used], where[used]] = True
+        with cost.teacher_forward({**inputs, "input_ids": ids}) if cost else contextlib.nullcontext():
+            if supports_chunked_loss(self.model):
+                with final_hidden_states(self.model) as captured:
+                    self.model(**model_inputs, logits_to_keep=1)
+                rows = topk_rows(
+                    captured["hidden"][needed], output_weight(self.model)[:vocab], self.top_k, self.temperature
+                )
+            else:
+                rows = teacher_topk(self.model(**model_inputs).logits[needed][:, :vocab], self.top_k, self.temperature)
+        k = rows.ids.shape[-1]
+        targets = TopKTargets(
+            ids.new_zeros(*ids.shape, k, dtype=torch.float32),
+            ids.new_zeros(*ids.shape, k),
+            ids.new_zeros(ids.shape, dtype=torch.float32),
+        )
+        for full, part in zip(targets, rows):
+            full[needed] = part
+        return CrossTopK(targets, alignment, self.vocab_map, self.method)
+
+
+@torch.no_grad()
+def topk_rows(hidden: torch.Tensor, weight: torch.Tensor, k: int, temperature: float, rows: int = 4096) -> TopKTargets:
+    """`teacher_topk` of ``hidden @ weight.T`` for (n, hidden) rows, ``rows`` at a time: the (n, vocab)
+    logits are never made whole."""
+    w = weight.to(hidden.dtype)
+    parts = [
+        teacher_topk(hidden[i : i + rows] @ w.T, min(k, w.shape[0]), temperature) for i in range(0, len(hidden), rows)
+    ]
+    if not parts:
+        return teacher_topk(hidden.new_zeros(0, w.shape[0]), min(k, w.shape[0]), temperature)
+    return TopKTargets(*(torch.cat(p) for p in zip(*parts)))
 
 
 class CachedTeacher:

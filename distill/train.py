@@ -14,26 +14,26 @@ import yaml
 from transformers import AutoConfig, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from distill import adapters
+from distill import adapters, xtoken
 from distill.config import TRAIN_ARGUMENTS
 from distill.console import quiet_libraries, use_console
-from distill.data import Collator, build_datasets
+from distill.data import Collator, build_datasets, detect_format, load_rows, unaligned_share
 from distill.errors import UserError
 from distill.flops import model_size
 from distill.hidden import layer_pairs
 from distill.models import (
     check_max_length,
-    check_same_tokenizer,
     file_damage,
     follow_umask,
     load_model,
     load_tokenizer,
     resolve,
+    same_tokenizer,
     vocab_sizes_fit,
 )
 from distill.on_policy import StudentServer, prompts_of
 from distill.recipe import load_recipe, parse
-from distill.teacher import ServedTeacher
+from distill.teacher import ModelTeacher, ServedTeacher
 from distill.teacher_cache import TargetsCollator, TeacherCache, run_identity
 from distill.teacher_server import ServedTargetsCollator, TeacherServer, check_run
 from distill.trainer import DistillTrainer
@@ -137,12 +137,29 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         student_server.check(model_args.model_name_or_path)
 
     tokenizer = load_tokenizer(model_args.model_name_or_path)
+    teacher_tokenizer = None  # set when the live teacher's tokenizer is another one (distill.xtoken)
     if server is not None:
         teacher_size = check_run(server, config, data_args, model_args, tokenizer)
     elif cache is None:
-        check_same_tokenizer(tokenizer, load_tokenizer(config.teacher_model_name_or_path))
+        teacher_tokenizer = load_tokenizer(config.teacher_model_name_or_path)
+        if same_tokenizer(tokenizer, teacher_tokenizer):
+            teacher_tokenizer = None
+        else:
+            check_cross_tokenizer(config, tokenizer, teacher_tokenizer)
+    pair = {}
+    if teacher_tokenizer is not None:
+        pair = {"teacher_tokenizer": teacher_tokenizer, "teacher_max_length": teacher_length(config, data_args)}
     with config.main_process_first(desc="tokenizing"):
-        train_data, eval_data = build_datasets(data_args, tokenizer, seed=config.seed, prompts_only=config.lmbda == 1)
+        train_data, eval_data = build_datasets(
+            data_args, tokenizer, seed=config.seed, prompts_only=config.lmbda == 1, **pair
+        )
+    cross = None
+    if teacher_tokenizer is not None:
+        with config.main_process_first(desc="vocabulary map"):  # the others read the map process 0 wrote
+            vocab_map = run_vocab_map(config, data_args, tokenizer, teacher_tokenizer)
+        cross = coverage(train_data, eval_data)
+        if config.process_index == 0:
+            print(coverage_line(cross, tokenizer, teacher_tokenizer), flush=True)
     if cache is not None:
         cache.check(run_identity(config, data_args, tokenizer, train_data, eval_data))
     if config.lmbda > 0:
@@ -163,7 +180,13 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         teacher = load_model(
             config.teacher_model_name_or_path, config.resolved_teacher_dtype, model_args.attn_implementation
         )
-        vocab_sizes_fit(tokenizer, student, teacher)
+        if teacher_tokenizer is None:
+            vocab_sizes_fit(tokenizer, student, teacher)
+        else:
+            vocab_sizes_fit(tokenizer, student)
+            vocab_sizes_fit(teacher_tokenizer, teacher)
+            teacher = ModelTeacher(teacher, vocab_map, config.xtoken_loss, config.teacher_top_k)
+            collator = Collator(tokenizer.pad_token_id, teacher_pad_token_id=teacher_tokenizer.pad_token_id)
     else:
         teacher = None
         vocab_sizes_fit(tokenizer, student)
@@ -186,13 +209,85 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         data_collator=collator,
         student_server=student_server,
     )
-    return train_and_save(trainer, recipe, resume, summary)
+    extra = {"cross_tokenizer": cross} if cross else None
+    return train_and_save(trainer, recipe, resume, summary, extra)
 
 
-def train_and_save(trainer, recipe: dict, resume: str | None, summarize) -> dict:
+def check_cross_tokenizer(config, tokenizer, teacher_tokenizer) -> None:
+    """A live teacher with another tokenizer: what can be refused before any data or model is read."""
+    xtoken.check_offsets(tokenizer, "student")
+    xtoken.check_offsets(teacher_tokenizer, "teacher")
+    if config.hidden_loss_weight > 0:
+        raise UserError(
+            "hidden_loss_weight > 0 compares hidden states position by position, which a teacher with another "
+            "tokenizer does not share with the student; set hidden_loss_weight: 0, or use a teacher of the "
+            "student's family"
+        )
+    if config.lmbda > 0:
+        raise UserError(
+            "lmbda > 0 (on-policy) with a teacher whose tokenizer differs from the student's is not implemented: "
+            "the student's samples would have to be re-tokenised for the teacher at every step. Set lmbda: 0, or "
+            "use a teacher of the student's family"
+        )
+
+
+def teacher_length(config, data_args) -> int:
+    """Where the teacher's side of a row is cut: its tokenizer may need more tokens for the same text
+    (twice the student's max_length), within its positions. Cut positions are counted as unaligned."""
+    limit = None
+    where, gguf_file = resolve(config.teacher_model_name_or_path)
+    if not gguf_file and Path(where).is_dir():
+        limit = json.loads((Path(where) / "config.json").read_text()).get("max_position_embeddings")
+    return min(2 * data_args.max_length, limit) if isinstance(limit, int) else 2 * data_args.max_length
+
+
+VOCAB_MAP = "vocab_map.safetensors"
+
+
+def run_vocab_map(config, data_args, tokenizer, teacher_tokenizer) -> xtoken.VocabMap:
+    """The (student, teacher) vocabulary map, built once per run and saved beside it
+    (OUTPUT_DIR/vocab_map.safetensors); a resumed run reads it back, refusing one of another pair.
+    Chat data pins the student's end-of-turn token to the teacher's, which is what an aligned end of
+    turn compares; other data pins eos to eos."""
+    pairs = None
+    if detect_format(load_rows(data_args.dataset, data_args.dataset_config, data_args.dataset_split)) == "messages":
+        ends = xtoken.end_of_turn_id(tokenizer), xtoken.end_of_turn_id(teacher_tokenizer)
+        pairs = {ends[0]: ends[1]} if None not in ends else {}
+    path = Path(config.output_dir) / VOCAB_MAP
+    if path.is_file():
+        return xtoken.VocabMap.load(path, tokenizer, teacher_tokenizer, pairs)
+    vocab_map = xtoken.build_vocab_map(tokenizer, teacher_tokenizer, special_pairs=pairs)
+    if config.process_index == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        vocab_map.save(path)
+    return vocab_map
+
+
+def coverage(train_data, eval_data) -> dict:
+    """Target tokens with no teacher position (they train on the labels only), per split."""
+    out = {}
+    for split, rows in (("train", train_data), ("eval", eval_data)):
+        if rows is not None:
+            unaligned, targets = unaligned_share(rows)
+            out[split] = {"unaligned_targets": unaligned, "targets": targets, "unaligned_share": unaligned / targets}
+    return out
+
+
+def coverage_line(cross: dict, tokenizer, teacher_tokenizer) -> str:
+    shares = ", ".join(
+        f"{split} {c['unaligned_targets']} of {c['targets']} ({c['unaligned_share']:.1%})" for split, c in cross.items()
+    )
+    return (
+        f"distill: the teacher's tokenizer differs from the student's ({len(teacher_tokenizer)} vs {len(tokenizer)} "
+        f"tokens): positions aligned by byte offsets, vocabularies mapped (distill.xtoken). Target tokens with no "
+        f"teacher position, trained on the labels only: {shares}"
+    )
+
+
+def train_and_save(trainer, recipe: dict, resume: str | None, summarize, extra: dict | None = None) -> dict:
     """Train (the "before" evaluation is step 0's, via eval_on_start), evaluate, and write the model
     (or, with use_peft, only the adapter in PEFT's format) + tokenizer, trainer_state.json (the whole
-    log history, for `distill eval --run_dir`), recipe.yaml and metrics.json."""
+    log history, for `distill eval --run_dir`), recipe.yaml and metrics.json (with ``extra``)."""
     config = trainer.args
     use_console(trainer)
     trainer.add_callback(CheckpointModes())
@@ -205,6 +300,7 @@ def train_and_save(trainer, recipe: dict, resume: str | None, summarize) -> dict
         follow_umask(config.output_dir)
 
     metrics = {"train": train_metrics, "eval_before": before, "eval": after, "global_step": trainer.state.global_step}
+    metrics |= extra or {}
     if trainer.is_world_process_zero():
         save_run_files(config.output_dir, recipe, metrics)
         write_model_card(trainer, recipe, metrics, config.output_dir)
@@ -282,6 +378,13 @@ def write_model_card(trainer, recipe: dict, metrics: dict, output_dir: str) -> N
                 f" + {config.hidden_loss_weight:g} x {config.hidden_loss_type} on aligned hidden states."
                 if config.hidden_loss_weight > 0
                 else "."
+            )
+            + (
+                f" The teacher's tokenizer differs from the student's: positions aligned by byte offsets, the "
+                f"student's distribution mapped into the teacher's vocabulary ({config.xtoken_loss} loss on its "
+                f"top {config.teacher_top_k} ids; map in `{VOCAB_MAP}`)."
+                if (out / VOCAB_MAP).is_file()
+                else ""
             )
         )
     else:
@@ -391,6 +494,11 @@ def summary(trainer, metrics: dict, output_dir: str) -> str:
         lines.append(
             f"  held-out KL to teacher            before {fmt(metrics['eval_before'].get('eval_before_kd_loss'))}"
             f"  after {fmt(metrics['eval']['eval_kd_loss'])}"
+        )
+    for split, c in metrics.get("cross_tokenizer", {}).items():
+        lines.append(
+            f"  unaligned targets ({split:<5})   {c['unaligned_share']:.2%} ({c['unaligned_targets']} of {c['targets']}: "
+            "no teacher position, trained on the labels only)"
         )
     lines.append(f"  {adapters.saved_to(trainer.model, output_dir, 'student')}")
     return "\n".join(lines)

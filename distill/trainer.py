@@ -26,10 +26,11 @@ from distill.config import DistillConfig
 from distill.cost import CostCallback
 from distill.errors import NonFiniteError, ServerError, UserError
 from distill.hidden import HiddenStateLoss, captured_layers, layer_pairs, prune_report
-from distill.losses import IGNORE_INDEX, top1_agreement
+from distill.losses import IGNORE_INDEX
 from distill.on_policy import StudentServer, is_on_policy, on_policy_batch, prompts_of, sample, step_seed, stop_ids
 from distill.placement import sharding
 from distill.teacher import as_source, no_teacher
+from distill.xtoken import unaligned_targets
 
 HIDDEN_LOSS_FILE = "hidden_loss.safetensors"  # the hidden-state term's projection, in each checkpoint
 
@@ -133,6 +134,7 @@ class DistillTrainer(MeteredTrainer):
         if self.hidden_loss is not None:
             self.add_callback(ZeroGradAfterStep(self.hidden_loss))
         self._train_sums = torch.zeros(3)  # kd, ce, hidden since the last log, each already a step mean
+        self._unaligned_sums = torch.zeros(2)  # target tokens with no teacher position, target tokens
         self._eval_sums = torch.zeros(5)  # kd*tokens, ce*tokens, hidden*tokens, agreeing tokens, tokens
         self._last_logged_step = None  # the global step before the first micro-batch since the last log
         # on-policy micro-batches, micro-batches, sampled sequences, sampled tokens, teacher-scored reverse
@@ -293,6 +295,10 @@ class DistillTrainer(MeteredTrainer):
             if self._last_logged_step is None:
                 self._last_logged_step = self.state.global_step
             self._train_sums += torch.stack([out.kd.float(), out.ce.float(), hidden]).cpu()
+            if "alignment" in inputs:  # a teacher with another tokenizer (distill.xtoken)
+                self._unaligned_sums += torch.tensor(
+                    [unaligned_targets(inputs["alignment"], inputs["labels"]), int(out.num_tokens)], dtype=torch.float
+                )
         else:
             matches, tokens = agreement
             self._eval_sums += (
@@ -348,7 +354,7 @@ class DistillTrainer(MeteredTrainer):
                 raise self._server_stopped(err, evaluating) from err
         out = self._loss(student, targets, labels, kw, bill=not evaluating)
         hidden = term(student_states, targets.layers, labels, num_items_in_batch) if term else out.kd.new_zeros(())
-        agreement = top1_agreement(*self._top1(student, targets), labels) if evaluating else None
+        agreement = targets.agreement(*self._top1(student, targets), labels) if evaluating else None
         return out, outputs, agreement, student, targets, hidden
 
     def _loss(self, student: tuple, targets, labels, kw: dict, bill: bool, tag: str = ""):
@@ -474,6 +480,10 @@ class DistillTrainer(MeteredTrainer):
             )
             if self.args.alpha > 0:  # at alpha 0 no teacher ran in training: there is no kd_loss
                 logs["kd_loss"] = kd / per
+            unaligned, tokens = self._reduce(self._unaligned_sums).tolist()
+            if tokens:  # the share of target tokens trained on the labels only, never hidden
+                logs["unaligned_share"] = unaligned / tokens
+            self._unaligned_sums.zero_()
             logs["ce_loss"] = ce / per
             if self.hidden_loss is not None:
                 logs["hidden_loss"] = hidden / per

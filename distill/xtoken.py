@@ -69,6 +69,7 @@ from typing import NamedTuple
 
 import torch
 
+from distill.chat import assistant_spans
 from distill.errors import UserError
 from distill.losses import IGNORE_INDEX
 
@@ -216,8 +217,6 @@ def _locate_assistant_contents(tokenizer, messages: list[dict], side: str):
     end marker and template text up to the next turn, as `distill.data` marks targets). Each turn is found
     between the rendering of the turns before it (with the generation prompt) and of the turns up to
     it, so a word of the content that also occurs in the template cannot be mistaken for it."""
-    from distill.data import assistant_spans  # data imports this module
-
     if not tokenizer.chat_template:
         raise UserError(
             f"the data is chat `messages` but the {side} tokenizer has no chat template; cross-tokenizer "

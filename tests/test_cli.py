@@ -76,13 +76,18 @@ def test_empty_dataset_is_refused(tmp_path, capsys):
     assert_clear(*run_cli(tmp_path, capsys, dataset=str(tmp_path / "empty.jsonl")), "empty")
 
 
-def test_teacher_with_a_different_tokenizer_is_refused(tmp_path, capsys):
+def test_teacher_with_a_different_tokenizer_and_no_chat_template_is_refused_for_chat_data(tmp_path, capsys):
+    """Another tokenizer is accepted (cross-tokenizer distillation, tests/test_xtoken_train.py), but chat
+    data is rendered with each side's own template: a teacher without one is refused, clearly."""
     other = tmp_path / "other_teacher"
     shutil.copytree(TEACHER, other)
+    (other / "chat_template.jinja").unlink()
     tokenizer = load_tokenizer(TEACHER)
     tokenizer.add_tokens(["<other-family>"])
+    tokenizer.chat_template = None
     tokenizer.save_pretrained(other)
-    assert_clear(*run_cli(tmp_path, capsys, teacher_model_name_or_path=str(other)), "tokenizers differ")
+    changes = {"teacher_model_name_or_path": str(other), "dataset": str(DATA / "chat_train.jsonl")}
+    assert_clear(*run_cli(tmp_path, capsys, **changes), "no chat template")
 
 
 def test_missing_recipe_and_bad_override_are_clear(tmp_path, capsys):
