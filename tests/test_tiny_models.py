@@ -19,15 +19,6 @@ def read_jsonl(name: str) -> list[dict]:
     return [json.loads(line) for line in (ROOT / "data" / name).read_text().splitlines()]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On a shared, busy CPU, one thread runs these tiny forwards several times faster than two."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return AutoTokenizer.from_pretrained(ROOT / "teacher")

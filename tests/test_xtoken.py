@@ -21,15 +21,6 @@ from distill.xtoken import NO_TOKEN, Piece
 ROOT = Path(__file__).resolve().parent.parent / "tiny_models"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On a shared, busy CPU, one thread runs these tiny forwards several times faster than two."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def student():
     return AutoTokenizer.from_pretrained(ROOT / "student")
