@@ -150,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     except (NonFiniteError, ServerError) as err:
         print(f"distill {args.command}: stopped: {err}", file=sys.stderr)
         return 1
+    finally:
+        if "distill.teacher_server" in sys.modules:  # a run that talked to a server leaves no call half done
+            sys.modules["distill.teacher_server"].finish_requests()
     return 0
 
 

@@ -48,6 +48,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import weakref
 from concurrent.futures import Future
 from itertools import chain
 from operator import itemgetter
@@ -75,17 +76,26 @@ class _Threads:
 
     Not a ThreadPoolExecutor: the interpreter joins those at exit, so a request still retrying a dead
     server ((retries + 1) x timeout + the backoff: 6.5 minutes by default) held the process of a
-    stopped run open. Daemon threads are left behind at exit; a request has nothing to write.
+    stopped run open. Daemon threads are not waited for at exit; the CLI lets them end the call in
+    hand first (`finish_requests`), for a bounded time.
     """
 
     def __init__(self, workers: int):
         self.queue = queue.SimpleQueue()
-        for _ in range(workers):
-            threading.Thread(target=self._work, daemon=True, name="distill-server-request").start()
+        self.finished = False  # finish() was called: its threads end, it takes no more calls
+        self.threads = [
+            threading.Thread(target=self._work, daemon=True, name="distill-server-request") for _ in range(workers)
+        ]
+        for thread in self.threads:
+            thread.start()
+        _ALL_THREADS.add(self)
 
     def _work(self):
         while True:
-            future, fn, args = self.queue.get()
+            item = self.queue.get()
+            if item is None:  # finish_requests: no more work
+                return
+            future, fn, args = item
             if future.set_running_or_notify_cancel():
                 try:
                     future.set_result(fn(*args))
@@ -98,6 +108,14 @@ class _Threads:
         self.queue.put((future, fn, args))
         return future
 
+    def finish(self, deadline: float) -> None:
+        """Let each thread end its call in hand and stop, waiting until ``deadline`` (perf_counter)."""
+        self.finished = True
+        for _ in self.threads:
+            self.queue.put(None)
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.perf_counter()))
+
     def map(self, fn, items) -> list:
         """``[fn(x) for x in items]``, run on the threads; the first error in order is raised, and the
         calls not started yet are dropped."""
@@ -107,6 +125,19 @@ class _Threads:
         finally:
             for future in futures:
                 future.cancel()
+
+
+_ALL_THREADS: weakref.WeakSet[_Threads] = weakref.WeakSet()
+
+
+def finish_requests(timeout: float = 10.0) -> None:
+    """Before the interpreter exits: let every request thread end the call in hand (a stopped run's
+    requests fail at once, the server being given up). A daemon thread still inside torch while the
+    interpreter tears torch down aborts the process ("terminate called without an active exception")
+    instead of exiting with the run's own code."""
+    deadline = time.perf_counter() + timeout
+    for pool in list(_ALL_THREADS):
+        pool.finish(deadline)
 
 
 class Scored(NamedTuple):
@@ -149,7 +180,7 @@ class VLLMServer:
     def _pool(self, which: int) -> _Threads:
         # Per process: a pool made before a DataLoader worker forked has no threads in the worker.
         pools = self._pools.get(os.getpid())
-        if pools is None:
+        if pools is None or any(pool.finished for pool in pools):
             pools = self._pools[os.getpid()] = (_Threads(4), _Threads(1))
         return pools[which]
 

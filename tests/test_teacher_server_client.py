@@ -370,3 +370,31 @@ def test_recipes_a_server_cannot_serve_are_refused(tmp_path, stand_in, overrides
     with pytest.raises(UserError, match=message):
         train.run(str(path))
     assert not stand_in.calls
+
+
+def test_finishing_requests_lets_each_call_in_hand_end_and_leaves_no_request_thread(stand_in):
+    """What the CLI does before it exits (distill.teacher_server.finish_requests): a request under way
+    ends with its answer, and no request thread is left running (one still inside torch while the
+    interpreter tears torch down aborted a stopped run: "terminate called without an active
+    exception", exit -6 instead of 1). A server used afterwards gets new threads."""
+    from distill.teacher_server import finish_requests
+
+    arrived, released = threading.Event(), threading.Event()
+
+    def complete(body):
+        arrived.set()
+        released.wait()
+        return 200, RECORDED
+
+    stand_in.complete = complete
+    server = client(stand_in.url, timeout=600.0)
+    rows = batch([[263, 81, 81, 84], [268, 290]])
+    request = server.submit(rows)
+    assert arrived.wait(timeout=300), "the request never reached the stand-in"
+    # released while finish_requests waits (it waits up to its timeout for the call in hand)
+    threading.Timer(0.2, released.set).start()
+    finish_requests(timeout=300)
+    assert request.done() and request.result().lengths == [4, 2]
+    assert not [t for t in threading.enumerate() if t.name == "distill-server-request" and t.is_alive()]
+    stand_in.complete = lambda body: (200, RECORDED)
+    assert server.submit(rows).result(timeout=300).lengths == [4, 2]
