@@ -139,10 +139,6 @@ class FlopMeter:
         self.flops[src] = self.flops.get(src, 0) - flops
         self.flops[dst] = self.flops.get(dst, 0) + flops
 
-    def knows(self, role: str, inputs: Mapping, *extra) -> bool:
-        """Whether a block with this key has been counted (a measure of it would not count again)."""
-        return (role, shape_key(inputs), *extra) in self._known
-
     @contextmanager
     def measure(self, role: str, inputs: Mapping, *extra, units: int = 1):
         """Count the block as ``role``'s. ``extra``: whatever else its FLOPs depend on besides the

@@ -95,7 +95,7 @@ def prompts_of(batch: dict) -> list[list[int]]:
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], *, pad_id: int, eos_ids: list[int], max_new_tokens: int,
            temperature: float, top_p: float, seed: int, synced_gpus: bool = False):  # fmt: skip
-    """(the student's completions of ``prompts``, decoding steps run): sampled with ``transformers``'
+    """The student's completions of ``prompts``: sampled with ``transformers``'
     generate from left-padded prompts, each completion cut after its first stop id (``eos_ids``).
     The global RNG is left as it was; the same seed gives the same samples."""
     device = next(model.parameters()).device
@@ -118,7 +118,7 @@ def sample(model, prompts: list[list[int]], *, pad_id: int, eos_ids: list[int], 
             )  # fmt: skip
     finally:
         model.train(training)
-    return [cut_at_stop(row, eos_ids) for row in out[:, width:].tolist()], out.shape[1] - width
+    return [cut_at_stop(row, eos_ids) for row in out[:, width:].tolist()]
 
 
 class StudentServer(VLLMServer):
@@ -198,7 +198,7 @@ def sample_quality(student, teacher, prompts: list[list[int]], *, pad_id: int, e
     """How good the student's own completions of ``prompts`` are in the teacher's eyes, per sampled
     token: the reverse KL KL(p_S || p_T) at T = 1 (what on-policy distillation minimises) and the
     teacher's negative log-likelihood of the sampled tokens."""
-    completions, _ = sample(student, prompts, pad_id=pad_id, eos_ids=eos_ids, max_new_tokens=max_new_tokens,
+    completions = sample(student, prompts, pad_id=pad_id, eos_ids=eos_ids, max_new_tokens=max_new_tokens,
                             temperature=temperature, top_p=1.0, seed=seed)  # fmt: skip
     device = next(student.parameters()).device
     batch = {k: v.to(device) for k, v in on_policy_batch(prompts, completions, pad_id).items()}

@@ -243,7 +243,7 @@ class DistillTrainer(MeteredTrainer):
             completions = self._sample_on_server(student, prompts, kw)
         else:
             with self.cost.sampling(student) if self.cost else contextlib.nullcontext():
-                completions, _ = sample(student, prompts, **kw)
+                completions = sample(student, prompts, **kw)
         return on_policy_batch(prompts, completions, tokenizer.pad_token_id)
 
     def _sample_on_server(self, student, prompts: list[list[int]], kw: dict) -> list[list[int]]:

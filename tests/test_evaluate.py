@@ -101,9 +101,7 @@ def test_parameters_flops_and_dollars_per_token(report, reference):
     for role, path in (("teacher", TEACHER), ("student", STUDENT)):
         m = r[role]
         assert m["parameters"] == sum(p.numel() for p in models[role].parameters())
-        assert m["flops_per_token"] == pytest.approx(
-            forward_flops(model_size(path), 1, MAX_LENGTH), rel=1e-6
-        )
+        assert m["flops_per_token"] == pytest.approx(forward_flops(model_size(path), 1, MAX_LENGTH), rel=1e-6)
         hours = 1e6 * m["flops_per_token"] / (PEAK * 1e12 * MFU) / 3600
         assert m["usd_per_million_tokens"] == pytest.approx(hours * PRICE, rel=1e-9)
         assert m["tokens_per_second"] > 0

@@ -64,7 +64,7 @@ def test_an_on_policy_batch_is_graded_on_the_sampled_tokens_only(tmp_path, domai
     (batch,), num_items = trainer.get_batch_samples(iter([data]), 1, torch.device("cpu"))
 
     prompts = prompts_of(data)
-    samples, _ = sample(trainer.model, prompts, pad_id=tokenizer.pad_token_id, eos_ids=[tokenizer.eos_token_id],
+    samples = sample(trainer.model, prompts, pad_id=tokenizer.pad_token_id, eos_ids=[tokenizer.eos_token_id],
                         max_new_tokens=12, temperature=1.0, top_p=1.0, seed=step_seed(0, 0, 0, 1))  # fmt: skip
     for row, (prompt, completion) in enumerate(zip(prompts, samples, strict=True)):
         ids, labels = batch["input_ids"][row].tolist(), batch["labels"][row].tolist()
@@ -246,7 +246,7 @@ def test_samples_stop_at_every_stop_id_of_the_generation_config(tmp_path, domain
     <|eot_id|>), listed in its generation_config: a sample ends there, not max_new_tokens later."""
     student = load_model(STUDENT)
     prompt = prompts_of(Collator(tokenizer.pad_token_id)([domain[0][0]]))
-    first, _ = sample(student, prompt, pad_id=tokenizer.pad_token_id, eos_ids=[], max_new_tokens=12,
+    first = sample(student, prompt, pad_id=tokenizer.pad_token_id, eos_ids=[], max_new_tokens=12,
                       temperature=1e-4, top_p=1.0, seed=0)  # fmt: skip
     end_of_turn = first[0][0]  # what the (near-greedy) student writes first: make it the end of its turn
     assert end_of_turn != tokenizer.eos_token_id and len(first[0]) == 12

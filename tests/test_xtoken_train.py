@@ -195,7 +195,9 @@ def test_distill_eval_refuses_a_cross_tokenizer_pair_clearly_and_names_the_numbe
     from distill.cli import main
 
     data = str(DATA / "corpus_eval.jsonl")
-    code = main(["eval", "--teacher", TEACHER_XTOK, "--student", STUDENT, "--data", data, "--output-dir", str(tmp_path)])
+    code = main(
+        ["eval", "--teacher", TEACHER_XTOK, "--student", STUDENT, "--data", data, "--output-dir", str(tmp_path)]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert "tokenizers differ" in err and "eval_agreement" in err
