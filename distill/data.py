@@ -324,3 +324,43 @@ class Collator:
             mask[i, :n] = 1
             alignment[i, : len(r["alignment"])] = torch.tensor(r["alignment"])
         return {"teacher_input_ids": ids, "teacher_attention_mask": mask, "alignment": alignment}
+
+
+# Several teachers (`teachers:`): each teacher's columns and batch keys are named ``name@i``; teacher i's
+# source reads them under their plain names, so a source is the same alone or among several.
+
+
+def keyed(name: str, index: int | None) -> str:
+    """Teacher ``index``'s name for a row's or batch's key (the plain name for a single teacher)."""
+    return name if index is None else f"{name}@{index}"
+
+
+def own_keys(d: dict, index: int | None) -> dict:
+    """Teacher ``index``'s view of a row or batch: its own keys (``name@index``) under their plain
+    names and the shared keys (the student's), no other teacher's."""
+    if index is None:
+        return d
+    out = {}
+    for key, value in d.items():
+        name, at, i = key.partition("@")
+        if not at:
+            out.setdefault(key, value)
+        elif i == str(index):
+            out[name] = value
+    return out
+
+
+class TeachersCollator:
+    """Collates rows for several teachers: the student's side once (``collator``), then each teacher's
+    own keys from its collator (``per_teacher[i]``, which sees the rows as `own_keys` gives them),
+    renamed ``name@i``."""
+
+    def __init__(self, collator, per_teacher: list):
+        self.collator, self.per_teacher = collator, per_teacher
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch = self.collator([own_keys(r, -1) for r in rows])
+        for i, collate in enumerate(self.per_teacher):
+            part = collate([own_keys(r, i) for r in rows])
+            batch |= {keyed(k, i): v for k, v in part.items() if k not in batch}
+        return batch

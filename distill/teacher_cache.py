@@ -198,9 +198,9 @@ class TeacherCache:
             self.path / name, self.manifest["splits"][name]["examples"], self.manifest["examples_per_shard"]
         )
 
-    def attach(self, name: str, data):
-        """``data`` (a tokenized dataset of this run) whose rows carry their cached targets."""
-        return None if data is None else WithTeacherTargets(data, self.split(name))
+    def attach(self, name: str, data, key: str = "teacher_targets"):
+        """``data`` (a tokenized dataset of this run) whose rows carry their cached targets as ``key``."""
+        return None if data is None else WithTeacherTargets(data, self.split(name), key)
 
 
 class CacheSplit:
@@ -231,18 +231,19 @@ class CacheSplit:
 
 
 class WithTeacherTargets(torch.utils.data.Dataset):
-    """A tokenized dataset whose rows also carry ``teacher_targets`` from a :class:`CacheSplit`."""
+    """A tokenized dataset whose rows also carry ``teacher_targets`` (or ``key``: one of several
+    teachers') from a :class:`CacheSplit`."""
 
-    def __init__(self, data, split: CacheSplit):
+    def __init__(self, data, split: CacheSplit, key: str = "teacher_targets"):
         if len(data) != split.examples:
             raise ValueError(f"the cache holds {split.examples} examples but the data has {len(data)}")
-        self.data, self.split = data, split
+        self.data, self.split, self.key = data, split, key
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, i: int) -> dict:
-        return {**self.data[i], "teacher_targets": self.split.example(i)}
+        return {**self.data[i], self.key: self.split.example(i)}
 
 
 class TargetsCollator:
