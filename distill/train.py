@@ -329,7 +329,8 @@ def run_several(recipe: dict, config, data_args, model_args, resume: str | None,
             vocab_maps[i] = run_vocab_map(config, data_args, tokenizer, teacher_tokenizer, f"vocab_map_{i}.safetensors")
         if config.process_index == 0:
             print(
-                f"teacher {i} ({config.teachers[i]}): " + coverage_line(cross[i], tokenizer, teacher_tokenizer),
+                f"distill: teacher {i} ({config.teachers[i]}): "
+                + coverage_line(cross[i], tokenizer, teacher_tokenizer).removeprefix("distill: "),
                 flush=True,
             )
     for cache in caches.values():
@@ -631,11 +632,21 @@ def summary(trainer, metrics: dict, output_dir: str) -> str:
         before = metrics["eval_before"].get("eval_before_agreement")
         lines.append(
             f"  agreement with teacher (held out)  before {fmt(before)}  after {fmt(metrics['eval']['eval_agreement'])}"
+            + (" (the teachers', weighted)" if trainer.args.teachers else "")
         )
         lines.append(
             f"  held-out KL to teacher            before {fmt(metrics['eval_before'].get('eval_before_kd_loss'))}"
-            f"  after {fmt(metrics['eval']['eval_kd_loss'])}"
+            f"  after {fmt(metrics['eval']['eval_kd_loss'])}" + (" (weighted)" if trainer.args.teachers else "")
         )
+    for i, name in enumerate(trainer.args.teachers or ()):
+        if f"eval_agreement_teacher_{i}" in metrics["eval"]:
+            lines.append(
+                f"  teacher {i} {name} (weight {trainer.args.teacher_weights[i]:.3g}): agreement before "
+                f"{fmt(metrics['eval_before'].get(f'eval_before_agreement_teacher_{i}'))} after "
+                f"{fmt(metrics['eval'][f'eval_agreement_teacher_{i}'])}, KL before "
+                f"{fmt(metrics['eval_before'].get(f'eval_before_kd_loss_teacher_{i}'))} after "
+                f"{fmt(metrics['eval'].get(f'eval_kd_loss_teacher_{i}'))}"
+            )
     for split, c in metrics.get("cross_tokenizer", {}).items():
         lines.append(
             f"  unaligned targets ({split:<5})   {c['unaligned_share']:.2%} ({c['unaligned_targets']} of {c['targets']}: "
