@@ -302,7 +302,7 @@ class TeacherServer(VLLMServer):
             )
         self._check_tokenizer(tokenizer, whose)
         self.k, self.vocab, self.teacher_vocab = k, vocab, teacher_vocab
-        # Enough that k ids the student has are always among the answer.
+        # Enough that k shared ids are always among the answer.
         self.n = k + max(teacher_vocab - vocab, 0)
         probe = tokenizer("The teacher server check.", add_special_tokens=False)["input_ids"][:4]
         try:
@@ -341,7 +341,8 @@ class TeacherServer(VLLMServer):
                     f"the teacher server's tokenizer is not {whose}: the text of {whose} vocabulary tokenizes "
                     f"differently (at token {at}: ours {ours[at : at + 3]}, server {(theirs or [])[at : at + 3]}). "
                     "Serve the teacher with its own tokenizer (no --tokenizer), or set teacher_model_name_or_path "
-                    "to the files of the model and tokenizer it serves"
+                    "to the files of the model and tokenizer it serves (a teacher with another tokenizer than the "
+                    "student's needs its tokenizer files there)"
                 )
 
     # -- scoring
@@ -469,10 +470,10 @@ class TeacherServer(VLLMServer):
         labels = batch["labels"].cpu()
         if "alignment" in batch:
             ids = batch["teacher_input_ids"].cpu()
-            where = batch["alignment"][:, :-1].cpu()
-            used = labels[:, 1:].ne(IGNORE_INDEX) & where.ge(0)
+            aligned = batch["alignment"][:, :-1].cpu()
+            used = labels[:, 1:].ne(IGNORE_INDEX) & aligned.ge(0)
             wanted = torch.zeros(ids.shape, dtype=torch.bool)
-            wanted[torch.arange(len(ids))[:, None].expand_as(where)[used], where[used]] = True
+            wanted[torch.arange(len(ids))[:, None].expand_as(aligned)[used], aligned[used]] = True
         else:
             ids = batch["input_ids"].cpu()
             wanted = labels[:, 1:].ne(IGNORE_INDEX)
@@ -546,6 +547,22 @@ def check_run(
             sent=f" (the teacher's side of a row, cut at {teacher_max_length} tokens, and one more)",
         )  # fmt: skip
     return size
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def served_tokenizer(name: str):
+    """The served teacher's tokenizer, from the files of ``teacher_model_name_or_path`` (no weights are
+    read), or None for a local folder with none (its config.json only): the server's tokenizer must
+    then be the student's, which `TeacherServer.check` tests."""
+    from distill.models import load_tokenizer, resolve
+
+    where, gguf_file = resolve(name)
+    folder = Path(where)
+    if not gguf_file and folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    return load_tokenizer(name)
 
 
 def _same_model(served: dict, teacher: str) -> bool:

@@ -35,7 +35,7 @@ from distill.on_policy import StudentServer, prompts_of
 from distill.recipe import load_recipe, parse
 from distill.teacher import ModelTeacher, ServedTeacher
 from distill.teacher_cache import TargetsCollator, TeacherCache, run_identity
-from distill.teacher_server import ServedTargetsCollator, TeacherServer, check_run
+from distill.teacher_server import ServedTargetsCollator, TeacherServer, check_run, served_tokenizer
 from distill.trainer import DistillTrainer
 
 ARGUMENTS = TRAIN_ARGUMENTS
@@ -139,8 +139,9 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     teacher_tokenizer = None  # set when the teacher's tokenizer (live or served) is another one (distill.xtoken)
     if cache is None:  # a served teacher's tokenizer files are read too; its weights need not be here
-        teacher_tokenizer = load_tokenizer(config.teacher_model_name_or_path)
-        if same_tokenizer(tokenizer, teacher_tokenizer):
+        load = load_tokenizer if server is None else served_tokenizer
+        teacher_tokenizer = load(config.teacher_model_name_or_path)
+        if teacher_tokenizer is None or same_tokenizer(tokenizer, teacher_tokenizer):
             teacher_tokenizer = None
         else:
             check_cross_tokenizer(config, tokenizer, teacher_tokenizer)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_teacher_server_client import StandIn
 
-from distill import train
+from distill import models, train
 from distill.data import Collator, tokenize_pair
 from distill.errors import UserError
 from distill.flops import forward_flops, model_size
@@ -224,11 +224,11 @@ def test_bad_cross_tokenizer_input_with_a_server_is_one_clear_error_before_model
     tmp_path, monkeypatch, served, bad
 ):
     """Refused before any model loads and before the server is asked to score anything."""
-    real = train.load_tokenizer
+    real = models.load_tokenizer
     args, needle = ["--teacher_server", served.url, "--output_dir", str(tmp_path / "out")], ""
-    if bad == "slow teacher tokenizer":
+    if bad == "slow teacher tokenizer":  # a served teacher's tokenizer: teacher_server.served_tokenizer loads it
         monkeypatch.setattr(
-            train,
+            models,
             "load_tokenizer",
             lambda name: SlowTokenizer(real(name)) if name.endswith("teacher_xtok") else real(name),
         )
@@ -244,3 +244,22 @@ def test_bad_cross_tokenizer_input_with_a_server_is_one_clear_error_before_model
     with pytest.raises(UserError, match=needle):
         train.run(str(ROOT / "recipes" / "tiny_cpu_xtok.yaml"), args)
     assert not [path for path, _ in served.calls if path == "/v1/completions"]
+
+
+def test_a_served_teacher_folder_without_tokenizer_files_must_serve_the_students_tokenizer(tmp_path, pair):
+    """A folder with the teacher's config.json only (as a served teacher needs no weights here): no
+    tokenizer to align with, so the server's must be the student's. teacher_xtok's is not: refused,
+    naming the fix, before any model loads."""
+    folder = tmp_path / "teacher_xtok_config"
+    folder.mkdir()
+    (folder / "config.json").write_text((TINY / "teacher_xtok" / "config.json").read_text())
+    stand_in = StandIn(pair.teacher, model=str(folder))
+    try:
+        with pytest.raises(UserError, match="tokenizer is not the student's.*needs its tokenizer files there"):
+            train.run(str(ROOT / "recipes" / "tiny_cpu_xtok.yaml"), [
+                "--teacher_server", stand_in.url, "--teacher_model_name_or_path", str(folder),
+                "--output_dir", str(tmp_path / "out"),
+            ])  # fmt: skip
+    finally:
+        stand_in.close()
+    assert not [path for path, _ in stand_in.calls if path == "/v1/completions"]
