@@ -14,7 +14,8 @@ source             recipe                          targets
 ``ServedTeacher``  ``teacher_server``              ``TopK`` from a vLLM server, requested when the
                                                    batch is collated, one batch ahead
                                                    (``teacher_server.ServedTargetsCollator``), or
-                                                   when asked, for the student's own samples
+                                                   when asked, for the student's own samples;
+                                                   ``CrossTopK`` for a teacher with another tokenizer
 =================  =============================  ===============================================
 
 The trainer knows sources and targets only through these methods, never through their types:
@@ -330,28 +331,34 @@ class CachedTeacher:
 
 
 class ServedTeacher:
-    """Top-k targets from a vLLM server (distill.teacher_server), checked before training."""
+    """Top-k targets from a vLLM server (distill.teacher_server), checked before training. With
+    ``vocab_map`` (a teacher with another tokenizer, distill.xtoken) the server scores the batch's
+    ``teacher_input_ids`` and the targets are ``CrossTopK``, as a live teacher's."""
 
     source = "server"
     role = "teacher"
     chunkable = True
 
-    def __init__(self, server: TeacherServer, size: ModelSize):
+    def __init__(self, server: TeacherServer, size: ModelSize, vocab_map: VocabMap | None = None, method="projected"):
         self.server, self.size = server, size
+        self.vocab_map, self.method = vocab_map, method
 
     def attach(self, trainer) -> None:
         if trainer.cost:
             trainer.cost.teacher_server = self.server.url
 
-    def targets(self, inputs: dict, chunked: bool, cost=None) -> TopK:
+    def targets(self, inputs: dict, chunked: bool, cost=None) -> TopK | CrossTopK:
         request = inputs.get("teacher_request")
         waited = time.perf_counter()
         scored = request.result() if request is not None else self.server.score(inputs)
         waited = time.perf_counter() - waited
-        if cost:
+        if cost:  # the positions the server ran: the teacher's tokens
             cost.teacher_served(scored.flops(self.size), sum(scored.lengths), scored.seconds, waited)
         device = inputs["labels"].device
-        return TopK(TopKTargets(*(t.to(device) for t in scored.targets)), self.server.vocab)
+        targets = TopKTargets(*(t.to(device) for t in scored.targets))
+        if self.vocab_map is not None:
+            return CrossTopK(targets, inputs["alignment"], self.vocab_map, self.method)
+        return TopK(targets, self.server.vocab)
 
 
 def as_source(teacher, cache_path: str | None):

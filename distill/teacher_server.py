@@ -25,6 +25,14 @@ vLLM's limits, and what distill does where they bite:
 - vLLM returns log-probabilities in float32: a tail mass below about 1e-7 is not resolved, and is
   floored at 1e-9 so that no target is exactly impossible.
 
+A teacher with another tokenizer than the student's (distill.xtoken) is served the same way: the
+server's tokenizer must then be the one of ``teacher_model_name_or_path`` (its tokenizer files are
+read here, its weights need not be), each row carries the teacher's own tokenisation
+(``teacher_input_ids``) and the ``alignment``, and the server scores the teacher's ids at the teacher
+positions some target position is aligned with. The shared ids are then the teacher tokenizer's:
+a head padded beyond it is handled as above, its ids never among the targets. The targets lie on
+the teacher's positions and become ``CrossTopK`` (distill.teacher.ServedTeacher).
+
 Faults: a server that cannot be reached when a run starts is a :class:`UserError`, before any model
 loads. Mid-run, a refused connection, a timeout or a 5xx answer is retried with exponential backoff;
 when the retries are spent, or at once for an answer that is not what vLLM sends, it is a
@@ -143,8 +151,8 @@ def finish_requests(timeout: float = 10.0) -> None:
 class Scored(NamedTuple):
     """A batch scored by the server: targets at its target positions, and what the server did."""
 
-    targets: TopKTargets  # (batch, seq, k) / (batch, seq), aligned with the logits; zeros off target
-    lengths: list[int]  # tokens of each prompt sent: the positions the server ran its model on
+    targets: TopKTargets  # (batch, seq, k) / (batch, seq) on the positions of the ids sent; zeros off target
+    lengths: list[int]  # tokens of each prompt sent (the teacher's): the positions the server ran its model on
     seconds: float  # wall time of the requests
 
     def flops(self, size: ModelSize) -> int:
@@ -274,9 +282,13 @@ class TeacherServer(VLLMServer):
 
     # -- checks before training
 
-    def check(self, teacher: str, tokenizer, k: int, vocab: int, teacher_vocab: int, max_length: int) -> None:
-        """UserError unless the server serves ``teacher``, with the student's tokenizer, for sequences of
-        ``max_length``, and answers ``k`` log-probabilities over the shared ``vocab`` ids per position."""
+    def check(
+        self, teacher: str, tokenizer, k: int, vocab: int, teacher_vocab: int, max_length: int, *,
+        whose: str = "the student's", sent: str = "",
+    ) -> None:  # fmt: skip
+        """UserError unless the server serves ``teacher``, with ``tokenizer`` (``whose``: the student's,
+        or across tokenizers the teacher's), for prompts of ``max_length`` tokens (``sent`` says what
+        they are), and answers ``k`` log-probabilities over the shared ``vocab`` ids per position."""
         served = self.serving(
             teacher, f"the recipe's teacher. Start it with `vllm serve {teacher}`, or set teacher_model_name_or_path "
             "to the model it serves",
@@ -285,11 +297,12 @@ class TeacherServer(VLLMServer):
         if isinstance(limit, int) and max_length > limit:
             raise UserError(
                 f"teacher_server {self.url} serves sequences of at most {limit} tokens (its --max-model-len) and "
-                f"this run's may have {max_length}: restart it with --max-model-len {max_length}, or lower max_length"
+                f"this run's may have {max_length}{sent}: restart it with --max-model-len {max_length}, or lower "
+                "max_length"
             )
-        self._check_tokenizer(tokenizer)
+        self._check_tokenizer(tokenizer, whose)
         self.k, self.vocab, self.teacher_vocab = k, vocab, teacher_vocab
-        # Enough that k ids the student has are always among the answer.
+        # Enough that k shared ids are always among the answer.
         self.n = k + max(teacher_vocab - vocab, 0)
         probe = tokenizer("The teacher server check.", add_special_tokens=False)["input_ids"][:4]
         try:
@@ -308,9 +321,9 @@ class TeacherServer(VLLMServer):
         except ServerError as err:
             raise UserError(f"teacher_server {self.url}: {err}") from None
 
-    def _check_tokenizer(self, tokenizer) -> None:
-        """The server's tokenizer must be the student's: both tokenize the text of the student's whole
-        vocabulary (every id decoded, specials included) into the same ids."""
+    def _check_tokenizer(self, tokenizer, whose: str) -> None:
+        """The server's tokenizer must be ``tokenizer``: both tokenize the text of its whole vocabulary
+        (every id decoded, specials included) into the same ids."""
         text = tokenizer.decode(list(range(len(tokenizer))), skip_special_tokens=False)
         for start in range(0, len(text), _TOKENIZER_CHUNK):
             chunk = text[start : start + _TOKENIZER_CHUNK]
@@ -325,10 +338,11 @@ class TeacherServer(VLLMServer):
                     (i for i, (a, b) in enumerate(zip(ours, theirs or [])) if a != b), min(len(ours), len(theirs or []))
                 )
                 raise UserError(
-                    f"the teacher server's tokenizer is not the student's: the text of the student's vocabulary "
-                    f"tokenizes differently (at token {at}: student {ours[at : at + 3]}, server "
-                    f"{(theirs or [])[at : at + 3]}). Logit distillation needs one tokenizer: serve a teacher of "
-                    "the student's family"
+                    f"the teacher server's tokenizer is not {whose}: the text of {whose} vocabulary tokenizes "
+                    f"differently (at token {at}: ours {ours[at : at + 3]}, server {(theirs or [])[at : at + 3]}). "
+                    "Serve the teacher with its own tokenizer (no --tokenizer), or set teacher_model_name_or_path "
+                    "to the files of the model and tokenizer it serves (a teacher with another tokenizer than the "
+                    "student's needs its tokenizer files there)"
                 )
 
     # -- scoring
@@ -444,20 +458,39 @@ class TeacherServer(VLLMServer):
         return np.array(logprobs), np.array(ids), np.array(tails)
 
     def score(self, batch: dict) -> Scored:
-        """Top-k targets of a right-padded batch (``input_ids``, ``attention_mask``, ``labels``), at the
-        positions p with ``labels[p + 1] != -100``; each prompt is sent up to its last target."""
+        """Top-k targets of a right-padded batch at the positions the loss reads; each prompt is sent up
+        to the token after its last such position.
+
+        One tokenizer: the rows' ``input_ids``, at the positions p with ``labels[p + 1] != -100``. A
+        teacher with another tokenizer (rows of `distill.data.tokenize_pair`: ``teacher_input_ids``,
+        ``teacher_attention_mask``, ``alignment``): the teacher's ids, at the teacher positions some
+        target position is aligned with, as `distill.teacher.ModelTeacher` scores them; the targets
+        are then (batch, teacher seq, k)."""
         started = time.perf_counter()
         labels = batch["labels"].cpu()
-        ids = batch["input_ids"].cpu()
-        target = labels[:, 1:].ne(IGNORE_INDEX)
+        if "alignment" in batch:
+            ids = batch["teacher_input_ids"].cpu()
+            aligned = batch["alignment"][:, :-1].cpu()
+            used = labels[:, 1:].ne(IGNORE_INDEX) & aligned.ge(0)
+            wanted = torch.zeros(ids.shape, dtype=torch.bool)
+            wanted[torch.arange(len(ids))[:, None].expand_as(aligned)[used], aligned[used]] = True
+        else:
+            ids = batch["input_ids"].cpu()
+            wanted = labels[:, 1:].ne(IGNORE_INDEX)
         sent, where = [], []
         for j in range(len(ids)):
-            positions = target[j].nonzero().squeeze(1).tolist()
+            positions = wanted[j].nonzero().squeeze(1).tolist()
             if positions:
-                sent.append(ids[j, : positions[-1] + 2].tolist())
+                prompt = ids[j, : positions[-1] + 2].tolist()
+                if len(prompt) == positions[-1] + 1:
+                    # The teacher's side was cut right after its last aligned position. The distribution
+                    # there depends on tokens 0..p alone, so any next token gets it from vLLM: the last
+                    # one again.
+                    prompt.append(prompt[-1])
+                sent.append(prompt)
                 where.append((j, positions))
         rows = self.prompt_logprobs(sent, self.k) if sent else []
-        b, width = labels.shape
+        b, width = ids.shape
         logprobs, out_ids, tail = (
             np.zeros((b, width, self.k), np.float32),
             np.zeros((b, width, self.k), np.int64),
@@ -465,7 +498,7 @@ class TeacherServer(VLLMServer):
         )
         for i, ((j, positions), row) in enumerate(zip(where, rows, strict=True)):
             found = self.topk_all([row[p + 1] for p in positions], self.k)
-            if found is None:  # ids beyond the student's vocabulary among the top k: ask for more
+            if found is None:  # ids beyond the shared vocabulary among the top k: ask for more
                 row = self.prompt_logprobs([sent[i]], self.n)[0]
                 found = self.topk_all([row[p + 1] for p in positions], self.n)
                 sent.append(sent[i])  # the server ran this prompt twice
@@ -478,9 +511,17 @@ class TeacherServer(VLLMServer):
         return self._pool(1).submit(self.score, batch)
 
 
-def check_run(server: TeacherServer, config, data_args, model_args, tokenizer) -> ModelSize:
+def check_run(
+    server: TeacherServer, config, data_args, model_args, tokenizer, teacher_tokenizer=None,
+    teacher_max_length: int | None = None,
+) -> ModelSize:  # fmt: skip
     """Check the teacher server against the run before any model loads (distill.teacher_server); the
-    teacher's size, from its config, for the bill of what the server computes."""
+    teacher's size, from its config, for the bill of what the server computes.
+
+    With ``teacher_tokenizer`` (the teacher's differs from the student's, distill.xtoken) the server
+    must tokenize as it does and is sent the teacher's side of each row, cut at
+    ``teacher_max_length`` (`distill.train.teacher_length`), plus at most one token; its log-probs
+    are over that tokenizer's ids."""
     from transformers import AutoConfig
 
     from distill.flops import model_size
@@ -492,10 +533,36 @@ def check_run(server: TeacherServer, config, data_args, model_args, tokenizer) -
 
     teacher = config.teacher_model_name_or_path
     size = model_size(teacher)
-    student_width, teacher_width = head_width(model_args.model_name_or_path), head_width(teacher)
-    longest = data_args.max_length + (config.max_new_tokens if config.lmbda > 0 else 0)
-    server.check(teacher, tokenizer, config.teacher_top_k, min(student_width, teacher_width), teacher_width, longest)
+    teacher_width = head_width(teacher)
+    if teacher_tokenizer is None:
+        student_width = head_width(model_args.model_name_or_path)
+        longest = data_args.max_length + (config.max_new_tokens if config.lmbda > 0 else 0)
+        server.check(
+            teacher, tokenizer, config.teacher_top_k, min(student_width, teacher_width), teacher_width, longest
+        )
+    else:
+        server.check(
+            teacher, teacher_tokenizer, config.teacher_top_k, len(teacher_tokenizer), teacher_width,
+            teacher_max_length + 1, whose=f"the teacher's ({teacher})",
+            sent=f" (the teacher's side of a row, cut at {teacher_max_length} tokens, and one more)",
+        )  # fmt: skip
     return size
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def served_tokenizer(name: str):
+    """The served teacher's tokenizer, from the files of ``teacher_model_name_or_path`` (no weights are
+    read), or None for a local folder with none (its config.json only): the server's tokenizer must
+    then be the student's, which `TeacherServer.check` tests."""
+    from distill.models import load_tokenizer, resolve
+
+    where, gguf_file = resolve(name)
+    folder = Path(where)
+    if not gguf_file and folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    return load_tokenizer(name)
 
 
 def _same_model(served: dict, teacher: str) -> bool:

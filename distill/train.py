@@ -43,7 +43,7 @@ from distill.on_policy import StudentServer, prompts_of
 from distill.recipe import load_recipe, parse
 from distill.teacher import CachedTeacher, ModelTeacher, ServedTeacher
 from distill.teacher_cache import MANIFEST, TargetsCollator, TeacherCache, run_identity
-from distill.teacher_server import ServedTargetsCollator, TeacherServer, check_run
+from distill.teacher_server import ServedTargetsCollator, TeacherServer, check_run, served_tokenizer
 from distill.trainer import DistillTrainer
 
 ARGUMENTS = TRAIN_ARGUMENTS
@@ -147,18 +147,19 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         student_server.check(model_args.model_name_or_path)
 
     tokenizer = load_tokenizer(model_args.model_name_or_path)
-    teacher_tokenizer = None  # set when the live teacher's tokenizer is another one (distill.xtoken)
-    if server is not None:
-        teacher_size = check_run(server, config, data_args, model_args, tokenizer)
-    elif cache is None:
-        teacher_tokenizer = load_tokenizer(config.teacher_model_name_or_path)
-        if same_tokenizer(tokenizer, teacher_tokenizer):
+    teacher_tokenizer = None  # set when the teacher's tokenizer (live or served) is another one (distill.xtoken)
+    if cache is None:  # a served teacher's tokenizer files are read too; its weights need not be here
+        load = load_tokenizer if server is None else served_tokenizer
+        teacher_tokenizer = load(config.teacher_model_name_or_path)
+        if teacher_tokenizer is None or same_tokenizer(tokenizer, teacher_tokenizer):
             teacher_tokenizer = None
         else:
             check_cross_tokenizer(config, tokenizer, teacher_tokenizer)
     pair = {}
     if teacher_tokenizer is not None:
         pair = {"teacher_tokenizer": teacher_tokenizer, "teacher_max_length": teacher_length(config, data_args)}
+    if server is not None:
+        teacher_size = check_run(server, config, data_args, model_args, tokenizer, **pair)
     with config.main_process_first(desc="tokenizing"):
         train_data, eval_data = build_datasets(
             data_args, tokenizer, seed=config.seed, prompts_only=config.lmbda == 1, **pair
@@ -181,7 +182,11 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     collator = Collator(tokenizer.pad_token_id)
     if server is not None:
         vocab_sizes_fit(tokenizer, student)
-        teacher = ServedTeacher(server, teacher_size)
+        if teacher_tokenizer is None:
+            teacher = ServedTeacher(server, teacher_size)
+        else:
+            teacher = ServedTeacher(server, teacher_size, vocab_map, config.xtoken_loss)
+            collator = Collator(tokenizer.pad_token_id, teacher_pad_token_id=teacher_tokenizer.pad_token_id)
         # Asked for one batch ahead, except where they would go unread: on-policy batches are replaced
         # after collation (their targets are asked for when they exist), and alpha 0 reads none in training.
         if config.lmbda == 0 and config.alpha > 0:
@@ -224,7 +229,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
 
 
 def check_cross_tokenizer(config, tokenizer, teacher_tokenizer) -> None:
-    """A live teacher with another tokenizer: what can be refused before any data or model is read."""
+    """A teacher (live or served) with another tokenizer: what can be refused before any data or model is read."""
     xtoken.check_offsets(tokenizer, "student")
     xtoken.check_offsets(teacher_tokenizer, "teacher")
     if config.hidden_loss_weight > 0:
