@@ -426,3 +426,26 @@ def test_the_on_policy_table(readme):
     check("| on-policy (`lmbda: 1`) | **{}** | **{}** | {} FLOPs (sampling {}) |", on["reverse_kl"],
           on["teacher_nll"], on_flops["total"], on_flops["student_generation"], rel=TRAINED)  # fmt: skip
     check("for {}x the FLOPs", on_flops["total"] / off_flops["total"])
+
+
+def test_the_several_teachers_figures(readme):
+    """The two-teacher run's bill (exact: FLOPs are deterministic) and held-out numbers (trained)."""
+    run = "runs/tiny_cpu_two_teachers"
+    report, metrics = read_json(readme, f"{run}/cost_report.json"), read_json(readme, f"{run}/metrics.json")
+    first, second = report["teachers"]
+    flops, days, per_token = report["flops"], report["pflops_days"], report["flops_per_token"]
+    check("teacher {} FLOPs {} PFlop/s-day {} FLOPs/token student {} FLOPs {} PFlop/s-day {} FLOPs/token total {} "
+          "FLOPs {} PFlop/s-day {} FLOPs/token tiny_models/teacher (weight {}): {} FLOPs, measured "
+          "tiny_models/teacher_xtok (weight {}): {} FLOPs, measured",
+          *(x[k] for k in ("teacher", "student", "total") for x in (flops, days, per_token)),
+          first["weight"], first["flops"], second["weight"], second["flops"])  # fmt: skip
+    assert flops["teacher"] == first["flops"] + second["flops"]
+    before, after = metrics["eval_before"], metrics["eval"]
+    check("agreement with teacher (held out) before {} after {} (the teachers', weighted)",
+          before["eval_before_agreement"], after["eval_agreement"], rel=TRAINED)  # fmt: skip
+    check("held-out KL to teacher before {} after {} (weighted)", before["eval_before_kd_loss"], after["eval_kd_loss"],
+          rel=TRAINED)  # fmt: skip
+    for i, name in enumerate(("tiny_models/teacher", "tiny_models/teacher_xtok")):
+        check(f"teacher {i} {name} (weight {{}}): agreement before {{}} after {{}}, KL before {{}} after {{}}",
+              0.5, before[f"eval_before_agreement_teacher_{i}"], after[f"eval_agreement_teacher_{i}"],
+              before[f"eval_before_kd_loss_teacher_{i}"], after[f"eval_kd_loss_teacher_{i}"], rel=TRAINED)  # fmt: skip
