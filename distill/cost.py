@@ -199,6 +199,17 @@ class CostCallback(TrainerCallback, ExportableState):
         """A teacher's forward; ``role``: which teacher, when there are several."""
         return self.meter.measure(role, inputs)
 
+    @contextmanager
+    def teacher_rows(self, rows: int, key: tuple, role: str = "teacher"):
+        """A teacher's output layer on ``rows`` positions of a batch (its top-k across tokenizers, at the
+        positions some target is aligned with): linear in ``rows``, counted once per ``key`` (its
+        weight's shape) and scaled."""
+        if rows == 0:  # nothing runs; and a first count over 0 rows would price every later row at 0
+            yield
+            return
+        with self.meter.measure(role, {}, "output rows", *key, units=rows):
+            yield
+
     def teacher_cache_read(self, build: dict, role: str = "teacher") -> None:
         """The teacher ``role`` is a cache: billed its share of ``build`` (the manifest's train split cost)."""
         if self.teachers is None:

@@ -277,15 +277,19 @@ class ModelTeacher:
         used = labels[:, 1:].ne(IGNORE_INDEX) & where.ge(0)
         needed = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
         needed[torch.arange(len(ids), device=ids.device)[:, None].expand_as(where)[used], where[used]] = True
+        chunked = supports_chunked_loss(self.model)
         with cost.teacher_forward({**inputs, "input_ids": ids}, self.role) if cost else contextlib.nullcontext():
-            if supports_chunked_loss(self.model):
+            if chunked:
                 with final_hidden_states(self.model) as captured:
                     self.model(**model_inputs, logits_to_keep=1)
-                rows = topk_rows(
-                    captured["hidden"][needed], output_weight(self.model)[:vocab], self.top_k, self.temperature
-                )
             else:
                 rows = teacher_topk(self.model(**model_inputs).logits[needed][:, :vocab], self.top_k, self.temperature)
+        if chunked:
+            # The output layer runs on the needed rows only, a count the batch's shapes do not tell: billed
+            # per row (the forward above is billed per shape), so that the same batches bill the same.
+            hidden, weight = captured["hidden"][needed], output_weight(self.model)[:vocab]
+            with cost.teacher_rows(len(hidden), weight.shape, self.role) if cost else contextlib.nullcontext():
+                rows = topk_rows(hidden, weight, self.top_k, self.temperature)
         k = rows.ids.shape[-1]
         targets = TopKTargets(
             ids.new_zeros(*ids.shape, k, dtype=torch.float32),

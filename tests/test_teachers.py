@@ -5,6 +5,7 @@ line in the bill. One teacher stays the plain case."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -167,3 +168,21 @@ def test_a_missing_teacher_among_several_is_refused_before_anything_loads(tmp_pa
     monkeypatch.setattr(train.adapters, "load_student", lambda *a, **k: pytest.fail("a model loaded"))
     assert main(["train", recipe(tmp_path, "bad", teachers=[TEACHER, str(tmp_path / "nowhere")])]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_a_resumed_run_of_several_teachers_bills_each_as_the_uninterrupted_one(tmp_path):
+    """Each teacher's line is checkpointed: stopping after step 2 and resuming gives the same per-teacher
+    FLOPs as running straight through (the cross-tokenizer teacher's output layer, which runs on the
+    aligned rows only, is billed per row, not per batch shape)."""
+    path = recipe(tmp_path, "run", teachers=[TEACHER, TEACHER_XTOK], max_steps=4, save_strategy="steps", save_steps=2)
+    train.run(path)
+    straight = json.loads((tmp_path / "run" / "cost_report.json").read_text())
+    shutil.rmtree(tmp_path / "run" / "checkpoint-4")
+    (tmp_path / "run" / "cost_report.json").unlink()
+    train.run(
+        path, ["--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-2"), "--overwrite_output_dir", "true"]
+    )
+    resumed = json.loads((tmp_path / "run" / "cost_report.json").read_text())
+    assert resumed["tokens"] == straight["tokens"]
+    assert [t["flops"] for t in resumed["teachers"]] == [t["flops"] for t in straight["teachers"]]
+    assert all(t["flops"] > 0 for t in straight["teachers"])
