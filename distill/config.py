@@ -62,10 +62,11 @@ def check_teachers(config) -> list[float]:
             f"directory each), or give one with {single[0]} and drop teachers"
         )
     served = [t for t in teachers if t.startswith(("http://", "https://"))]
-    if served:
+    if served and config.temperature != 1.0:
         raise UserError(
-            f"teachers: {served[0]} is a server, and a served teacher among several is not implemented; fill a cache "
-            "from it (`distill cache-teacher` with teacher_server and teacher_cache) and list the cache's directory"
+            f"teachers: {served[0]} is a vLLM server, which gives log-probabilities at temperature 1 only, and this "
+            f"recipe has temperature: {config.temperature}. Set temperature: 1.0, or cache that teacher's targets "
+            "from its model with `distill cache-teacher` (a cache keeps any temperature) and list the cache"
         )
     if weights is None:
         weights = [1.0] * len(teachers)
@@ -345,10 +346,11 @@ class DistillConfig(RunArguments, TrainingArguments):
     teachers: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Several teachers at once, instead of teacher_model_name_or_path / teacher_cache: each a hub id, "
-            "a local directory or a .gguf file (run here; its tokenizer may differ from the student's), or a "
-            "directory `distill cache-teacher` wrote (it has a manifest.json). The KD term is sum_i w_i KD_i over "
-            "them with teacher_weights; each has its own bill line in cost_report.json."
+            "help": "Several teachers at once, instead of teacher_model_name_or_path / teacher_cache / teacher_server: "
+            "each a hub id, a local directory or a .gguf file (run here; its tokenizer may differ from the "
+            "student's), a directory `distill cache-teacher` wrote (it has a manifest.json), or the URL of a vLLM "
+            "server (http://...) serving one model whose config and tokenizer are readable here. The KD term is "
+            "sum_i w_i KD_i over them with teacher_weights; each has its own bill line in cost_report.json."
         },
     )
     teacher_weights: list[float] | None = field(

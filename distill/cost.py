@@ -154,9 +154,11 @@ class CostCallback(TrainerCallback, ExportableState):
         self.teacher_server = teacher_server  # the URL, when the teacher is served
         self.generation_server = generation_server  # the URL, when the student samples on vLLM (use_vllm)
         self.prune = prune  # the "cost" of the student folder's prune_report.json (`distill prune`)
-        # Several teachers: {meter role: {"name", "source": model | cache, "weight", "cache": its build or None}},
-        # each billed on its own line (a model: its measured forwards; a cache: its share of the build).
+        # Several teachers: {meter role: {"name", "weight", "cache": its build or None, "url": its server or None}},
+        # each billed on its own line (a model: its measured forwards; a cache: its share of the build; a
+        # server: the FLOPs computed for the positions it scored).
         self.teachers = teachers
+        self._served_by = {}  # several teachers: role -> [computed FLOPs, positions] a server scored, this session
         # this session's served teacher FLOPs, positions, request and waiting ms; served sampling FLOPs
         self._served = [0, 0, 0, 0, 0]
         self.accelerator: str | None = None
@@ -193,7 +195,9 @@ class CostCallback(TrainerCallback, ExportableState):
     @property
     def keys(self) -> tuple[str, ...]:
         """The totals summed over processes and checkpointed: one more per teacher when there are several."""
-        return self.KEYS + tuple(f"{role}_flops" for role in self.teachers or ())
+        return self.KEYS + tuple(
+            f"{role}_{key}" for role in self.teachers or () for key in ("flops", "served_flops", "served_positions")
+        )
 
     def teacher_forward(self, inputs: dict, role: str = "teacher"):
         """A teacher's forward; ``role``: which teacher, when there are several."""
@@ -209,6 +213,13 @@ class CostCallback(TrainerCallback, ExportableState):
             return
         with self.meter.measure(role, {}, "output rows", *key, units=rows):
             yield
+
+    def teacher_server_used(self, url: str, role: str = "teacher") -> None:
+        """The teacher ``role`` is on the vLLM server at ``url``."""
+        if self.teachers is None:
+            self.teacher_server = url
+        else:
+            self.teachers[role]["url"] = url
 
     def teacher_cache_read(self, build: dict, role: str = "teacher") -> None:
         """The teacher ``role`` is a cache: billed its share of ``build`` (the manifest's train split cost)."""
@@ -250,11 +261,15 @@ class CostCallback(TrainerCallback, ExportableState):
             while open_blocks:  # a forward that raised: its block counts nothing
                 open_blocks.pop().__exit__(RuntimeError, RuntimeError("forward failed"), None)
 
-    def teacher_served(self, flops: int, positions: int, seconds: float, waited: float) -> None:
+    def teacher_served(self, flops: int, positions: int, seconds: float, waited: float, role: str = "teacher") -> None:
         """A server scored ``positions`` for a training batch: ``flops`` computed from the teacher's
-        config, ``seconds`` of requests, of which the trainer ``waited`` (the rest overlapped its work)."""
+        config, ``seconds`` of requests, of which the trainer ``waited`` (the rest overlapped its work);
+        ``role``: which teacher, when there are several."""
         for i, value in enumerate((flops, positions, round(seconds * 1000), round(waited * 1000))):
             self._served[i] += value
+        if self.teachers is not None:
+            mine = self._served_by.setdefault(role, [0, 0])
+            mine[0], mine[1] = mine[0] + flops, mine[1] + positions
 
     def student_generation_served(self, flops: int, url: str) -> None:
         """The student's samples, made on a vLLM server (use_vllm): ``flops`` computed from its size."""
@@ -283,6 +298,7 @@ class CostCallback(TrainerCallback, ExportableState):
         self.totals = dict(self._base)
         self.meter.reset()
         self._served = [0, 0, 0, 0, 0]
+        self._served_by = {}
         if model is not None:  # the Trainer has turned activation checkpointing on by now
             mark_recomputation(model, self.meter)
         self._devices = max(args.world_size, 1)
@@ -323,8 +339,10 @@ class CostCallback(TrainerCallback, ExportableState):
         return round(self.teacher_cache["flops"] * self.cache_share)
 
     def _teacher_bill(self, role: str) -> int:
-        cache = self.teachers[role]["cache"]
-        return self.totals.get(f"{role}_flops", 0) if cache is None else round(cache["flops"] * self._share(cache))
+        cache, url = self.teachers[role]["cache"], self.teachers[role].get("url")
+        if cache is not None:
+            return round(cache["flops"] * self._share(cache))
+        return self.totals.get(f"{role}_served_flops" if url else f"{role}_flops", 0)
 
     @property
     def cache_share(self) -> float:
@@ -361,7 +379,8 @@ class CostCallback(TrainerCallback, ExportableState):
         roles = list(self.teachers or ("teacher",))
         local = [sum(m.flops.get(r, 0) for r in roles), m.flops.get("student", 0), m.flops.get("generation", 0),
                  sum(m.recomputed.values()), m.tokens.get("student", 0), m.examples.get("student", 0),
-                 *self._served, *(m.flops.get(r, 0) for r in self.teachers or ())]  # fmt: skip
+                 *self._served,
+                 *(v for r in self.teachers or () for v in (m.flops.get(r, 0), *self._served_by.get(r, (0, 0))))]  # fmt: skip
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             t = torch.tensor(local, dtype=torch.float64, device=args.device)
             torch.distributed.all_reduce(t)
@@ -457,7 +476,12 @@ class CostCallback(TrainerCallback, ExportableState):
             report["teachers"] = [
                 {
                     "name": t["name"],
-                    "source": "cache" if t["cache"] is not None else "model",
+                    "source": "cache" if t["cache"] is not None else "server" if t.get("url") else "model",
+                    **(
+                        {"url": t["url"], "positions": self.totals.get(f"{role}_served_positions", 0)}
+                        if t.get("url")
+                        else {}
+                    ),
                     "weight": t["weight"],
                     "flops": (flops := self._teacher_bill(role)),
                     "pflops_days": pflops_days(flops),
@@ -524,7 +548,10 @@ def render_report(r: dict) -> str:
             + (f"  {_num(ft)} FLOPs/token" if ft else "")
         )
     for t in r.get("teachers", ()):
-        how = f"amortised from its cache, {t['cache_share']:.0%} of the build" if t["source"] == "cache" else "measured"
+        how = {
+            "cache": f"amortised from its cache, {t.get('cache_share', 0):.0%} of the build",
+            "server": f"on the server {t.get('url')}, computed for {_num(t.get('positions', 0))} positions",
+        }.get(t["source"], "measured")
         lines.append(f"    {t['name']} (weight {t['weight']:.3g}): {_num(t['flops'])} FLOPs, {how}")
     if r.get("teacher_cache"):
         c = r["teacher_cache"]

@@ -349,7 +349,7 @@ class ServedTeacher:
 
     def attach(self, trainer) -> None:
         if trainer.cost:
-            trainer.cost.teacher_server = self.server.url
+            trainer.cost.teacher_server_used(self.server.url, self.role)
 
     def targets(self, inputs: dict, chunked: bool, cost=None) -> TopK | CrossTopK:
         request = inputs.get("teacher_request")
@@ -357,7 +357,7 @@ class ServedTeacher:
         scored = request.result() if request is not None else self.server.score(inputs)
         waited = time.perf_counter() - waited
         if cost:  # the positions the server ran: the teacher's tokens
-            cost.teacher_served(scored.flops(self.size), sum(scored.lengths), scored.seconds, waited)
+            cost.teacher_served(scored.flops(self.size), sum(scored.lengths), scored.seconds, waited, self.role)
         device = inputs["labels"].device
         targets = TopKTargets(*(t.to(device) for t in scored.targets))
         if self.vocab_map is not None:

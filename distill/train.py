@@ -6,6 +6,7 @@ mismatched tokenizer or an unusable dataset fails before any model weight is rea
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -281,14 +282,25 @@ def run_vocab_map(config, data_args, tokenizer, teacher_tokenizer, name: str = V
 
 def run_several(recipe: dict, config, data_args, model_args, resume: str | None, sampled: int) -> dict:
     """`distill train` with ``teachers:``: each a model run here (its tokenizer may differ from the
-    student's) or a cache, checked in the order of one teacher's, cheapest first; their columns and
+X of one teacher's, cheapest first; their columns and
     batch keys named ``name@i`` (distill.data.own_keys), one vocabulary map per teacher with another
     tokenizer (``vocab_map_i.safetensors``), one bill line each."""
     if config.use_vllm:
         raise UserError("use_vllm with several teachers is not implemented; sample with generate (use_vllm: false)")
-    caches = {}
+    caches, servers = {}, {}  # teacher index -> its cache; -> (its server, the model it serves)
     for i, entry in enumerate(config.teachers):
-        if (Path(entry) / MANIFEST).is_file():
+        if entry.startswith(("http://", "https://")):
+            server = TeacherServer.of_recipe(as_teacher(config, teacher_server=entry))
+            served = server.models()
+            if len(served) != 1:
+                raise UserError(
+                    f"teachers: {entry} serves {len(served)} models; a teacher's server must serve one (its config "
+                    "and tokenizer are read here for the bill and the data)"
+                )
+            name = str(served[0].get("root") or served[0].get("id"))
+            resolve(name)  # its config.json (and tokenizer files) must be readable here; not its weights
+            servers[i] = (server, name)
+        elif (Path(entry) / MANIFEST).is_file():
             if config.lmbda > 0:
                 raise UserError(
                     f"teachers: {entry} is a cache, and lmbda > 0 needs teachers that grade the student's own "
@@ -302,8 +314,11 @@ def run_several(recipe: dict, config, data_args, model_args, resume: str | None,
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     other = {}  # teacher index -> its tokenizer, where it is not the student's
     for i, entry in enumerate(config.teachers):
-        if i not in caches:
+        if i in servers:
+            teacher_tokenizer = served_tokenizer(servers[i][1])
+        elif i not in caches:
             teacher_tokenizer = load_tokenizer(entry)
+        if i not in caches and teacher_tokenizer is not None:
             if not same_tokenizer(tokenizer, teacher_tokenizer):
                 check_cross_tokenizer(config, tokenizer, teacher_tokenizer)
                 other[i] = teacher_tokenizer
@@ -317,7 +332,9 @@ def run_several(recipe: dict, config, data_args, model_args, resume: str | None,
         for i, teacher_tokenizer in other.items():
             pair = {
                 "teacher_tokenizer": teacher_tokenizer,
-                "teacher_max_length": teacher_length(config, data_args, config.teachers[i]),
+                "teacher_max_length": teacher_length(
+                    config, data_args, servers[i][1] if i in servers else config.teachers[i]
+                ),
             }
             pair_train, pair_eval = build_datasets(data_args, tokenizer, **build, **pair)
             cross[i] = coverage(pair_train, pair_eval)
@@ -338,6 +355,14 @@ def run_several(recipe: dict, config, data_args, model_args, resume: str | None,
                 + coverage_line(cross[i], tokenizer, teacher_tokenizer).removeprefix("distill: "),
                 flush=True,
             )
+    sizes = {}
+    for i, (server, name) in servers.items():
+        pair = {}
+        if i in other:
+            teacher_max_length = teacher_length(config, data_args, name)
+            pair = {"teacher_tokenizer": other[i], "teacher_max_length": teacher_max_length}
+        sizes[i] = check_run(server, as_teacher(config, teacher_model_name_or_path=name), data_args, model_args,
+                             tokenizer, **pair)  # fmt: skip
     for cache in caches.values():
         cache.check(run_identity(config, data_args, tokenizer, train_data, eval_data))
     if config.lmbda > 0:
@@ -349,6 +374,20 @@ def run_several(recipe: dict, config, data_args, model_args, resume: str | None,
     pad = tokenizer.pad_token_id
     sources, per_teacher = [], []
     for i, entry in enumerate(config.teachers):
+        if i in servers:
+            vocab_sizes_fit(tokenizer, student)
+            server = servers[i][0]
+            if i in other:
+                sources.append(ServedTeacher(server, sizes[i], vocab_maps[i], config.xtoken_loss))
+                collate = Collator(pad, teacher_pad_token_id=other[i].pad_token_id)
+            else:
+                sources.append(ServedTeacher(server, sizes[i]))
+                collate = Collator(pad)
+            # One batch ahead, as for one served teacher (not where the targets would go unread).
+            per_teacher.append(
+                ServedTargetsCollator(collate, server) if config.lmbda == 0 and config.alpha > 0 else collate
+            )
+            continue
         if i in caches:
             vocab_sizes_fit(tokenizer, student)
             caches[i].check_student(student)
@@ -380,6 +419,15 @@ def run_several(recipe: dict, config, data_args, model_args, resume: str | None,
     )
     extra = {"cross_tokenizer_teachers": {config.teachers[i]: c for i, c in cross.items()}} if cross else None
     return train_and_save(trainer, recipe, resume, summary, extra)
+
+
+def as_teacher(config, **keys):
+    """A shallow copy of ``config`` naming one of several teachers the way a one-teacher recipe does
+    (for the checks written for one teacher)."""
+    one = copy.copy(config)
+    for key, value in keys.items():
+        setattr(one, key, value)
+    return one
 
 
 TEACHER_COLUMNS = ("teacher_input_ids", "alignment")  # a teacher with another tokenizer's side of a row

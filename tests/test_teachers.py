@@ -151,7 +151,8 @@ def test_a_cache_and_a_model_train_together_each_billed_its_way(tmp_path):
             {"teachers": [TEACHER], "teacher_model_name_or_path": TEACHER},
             "teachers and teacher_model_name_or_path are both set",
         ),
-        ({"teachers": [TEACHER, "http://127.0.0.1:1"]}, "a served teacher among several is not implemented"),
+        ({"teachers": [TEACHER, "http://127.0.0.1:1"], "temperature": 2.0}, "log-probabilities at temperature 1 only"),
+        ({"teachers": [TEACHER, "http://127.0.0.1:1"]}, "does not answer"),
         ({"teachers": [TEACHER, STUDENT], "hidden_loss_weight": 1.0}, "pairs the student's layers with one teacher"),
     ],  # fmt: skip
 )

@@ -263,3 +263,32 @@ def test_a_served_teacher_folder_without_tokenizer_files_must_serve_the_students
     finally:
         stand_in.close()
     assert not [path for path, _ in stand_in.calls if path == "/v1/completions"]
+
+
+def test_a_served_teacher_among_several_at_weight_one_trains_as_it_does_alone(tmp_path, served):
+    """`teachers: [URL, a model]` with weights (1, 0): the losses of the served teacher alone, and its
+    bill line is the one-teacher run's server bill (computed FLOPs of the positions it scored)."""
+    import yaml
+
+    base = yaml.safe_load((ROOT / "recipes" / "tiny_cpu_xtok.yaml").read_text())
+    common = {
+        "teacher_top_k": K, "max_steps": 3, "per_device_train_batch_size": 4, "max_train_samples": 12,
+        "eval_dataset": None, "eval_fraction": 0, "logging_steps": 1, "save_steps": 100,
+    }  # fmt: skip
+    runs = {
+        "one": {"teacher_server": served.url},
+        "two": {"teacher_model_name_or_path": None, "teachers": [served.url, str(TINY / "teacher")],
+                "teacher_weights": [1.0, 0.0]},
+    }  # fmt: skip
+    for name, keys in runs.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({**base, **common, **keys, "output_dir": str(tmp_path / name)}))
+        train.run(str(path))
+    history = {n: json.loads((tmp_path / n / "trainer_state.json").read_text())["log_history"] for n in runs}
+    assert [h.get("loss") for h in history["two"]] == [h.get("loss") for h in history["one"]]
+    one, two = (json.loads((tmp_path / n / "cost_report.json").read_text()) for n in runs)
+    served_line, model_line = two["teachers"]
+    assert served_line["source"] == "server" and served_line["url"] == served.url
+    assert served_line["flops"] == one["teacher_server"]["computed_flops"] > 0
+    assert served_line["positions"] == one["teacher_server"]["positions"]
+    assert model_line["source"] == "model" and two["flops"]["teacher"] == served_line["flops"] + model_line["flops"]
