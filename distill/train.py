@@ -282,7 +282,7 @@ def run_vocab_map(config, data_args, tokenizer, teacher_tokenizer, name: str = V
 
 def run_several(recipe: dict, config, data_args, model_args, resume: str | None, sampled: int) -> dict:
     """`distill train` with ``teachers:``: each a model run here (its tokenizer may differ from the
-X of one teacher's, cheapest first; their columns and
+    student's), a cache or a vLLM server, checked in the order of one teacher's, cheapest first; their columns and
     batch keys named ``name@i`` (distill.data.own_keys), one vocabulary map per teacher with another
     tokenizer (``vocab_map_i.safetensors``), one bill line each."""
     if config.use_vllm:
