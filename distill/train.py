@@ -17,7 +17,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from distill import adapters, xtoken
 from distill.config import TRAIN_ARGUMENTS
 from distill.console import quiet_libraries, use_console
-from distill.data import Collator, build_datasets, detect_format, load_rows, unaligned_share
+from distill.data import Collator, build_datasets, detect_format, load_rows, teacher_length, unaligned_share
 from distill.errors import UserError
 from distill.flops import model_size
 from distill.hidden import layer_pairs
@@ -33,7 +33,7 @@ from distill.models import (
 )
 from distill.on_policy import StudentServer, prompts_of
 from distill.recipe import load_recipe, parse
-from distill.teacher import ModelTeacher, ServedTeacher
+from distill.teacher import CachedTeacher, ModelTeacher, ServedTeacher
 from distill.teacher_cache import TargetsCollator, TeacherCache, run_identity
 from distill.teacher_server import ServedTargetsCollator, TeacherServer, check_run
 from distill.trainer import DistillTrainer
@@ -146,9 +146,13 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
             teacher_tokenizer = None
         else:
             check_cross_tokenizer(config, tokenizer, teacher_tokenizer)
+    elif cache.teacher_space:  # its teacher's tokenizer and cut are the cache's: no teacher needed here
+        teacher_tokenizer = cache.teacher_tokenizer()
+        check_cross_tokenizer(config, tokenizer, teacher_tokenizer)
     pair = {}
     if teacher_tokenizer is not None:
-        pair = {"teacher_tokenizer": teacher_tokenizer, "teacher_max_length": teacher_length(config, data_args)}
+        cut = cache.teacher_max_length if cache is not None else teacher_length(config, data_args)
+        pair = {"teacher_tokenizer": teacher_tokenizer, "teacher_max_length": cut}
     with config.main_process_first(desc="tokenizing"):
         train_data, eval_data = build_datasets(
             data_args, tokenizer, seed=config.seed, prompts_only=config.lmbda == 1, **pair
@@ -160,7 +164,10 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         cross = coverage(train_data, eval_data)
         if config.process_index == 0:
             print(coverage_line(cross, tokenizer, teacher_tokenizer), flush=True)
-    if cache is not None:
+    if cache is not None and cache.teacher_space:  # the student's tokenizer is not pinned; each row is found
+        cache.check(run_identity(config, data_args, None, None, None, teacher_tokenizer, cache.teacher_max_length))
+        train_data, eval_data = cache.attach("train", train_data), cache.attach("eval", eval_data)
+    elif cache is not None:
         cache.check(run_identity(config, data_args, tokenizer, train_data, eval_data))
     if config.lmbda > 0:
         prompts_of(Collator(tokenizer.pad_token_id)([train_data[0]]))  # on-policy needs prompts: not text data
@@ -187,6 +194,11 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
             vocab_sizes_fit(teacher_tokenizer, teacher)
             teacher = ModelTeacher(teacher, vocab_map, config.xtoken_loss, config.teacher_top_k)
             collator = Collator(tokenizer.pad_token_id, teacher_pad_token_id=teacher_tokenizer.pad_token_id)
+    elif cache.teacher_space:
+        vocab_sizes_fit(tokenizer, student)
+        teacher = CachedTeacher(cache, vocab_map, config.xtoken_loss)
+        collator = Collator(tokenizer.pad_token_id, teacher_pad_token_id=teacher_tokenizer.pad_token_id)
+        collator = TargetsCollator(collator, cache.k, teacher_space=True)
     else:
         teacher = None
         vocab_sizes_fit(tokenizer, student)
@@ -229,16 +241,6 @@ def check_cross_tokenizer(config, tokenizer, teacher_tokenizer) -> None:
             "the student's samples would have to be re-tokenised for the teacher at every step. Set lmbda: 0, or "
             "use a teacher of the student's family"
         )
-
-
-def teacher_length(config, data_args) -> int:
-    """Where the teacher's side of a row is cut: its tokenizer may need more tokens for the same text
-    (twice the student's max_length), within its positions. Cut positions are counted as unaligned."""
-    limit = None
-    where, gguf_file = resolve(config.teacher_model_name_or_path)
-    if not gguf_file and Path(where).is_dir():
-        limit = json.loads((Path(where) / "config.json").read_text()).get("max_position_embeddings")
-    return min(2 * data_args.max_length, limit) if isinstance(limit, int) else 2 * data_args.max_length
 
 
 VOCAB_MAP = "vocab_map.safetensors"
