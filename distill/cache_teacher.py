@@ -254,6 +254,11 @@ def build(
     from distill.recipe import load_recipe, parse
 
     model_args, data_args, config = parse(load_recipe(recipe_path, overrides), TRAIN_ARGUMENTS)
+    if config.teachers:
+        raise UserError(
+            "cache-teacher caches one teacher, and this recipe lists several (teachers): run it once per teacher "
+            "(teacher_model_name_or_path and teacher_cache each), then list the caches under teachers"
+        )
     if not config.teacher_cache:
         raise UserError("set teacher_cache: PATH in the recipe (or --teacher_cache PATH): where to write the cache")
     if not config.teacher_model_name_or_path:

@@ -13,6 +13,7 @@ recipe fails when it is parsed, the first step of a job, rather than after the m
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -47,6 +48,40 @@ def check_bf16_hardware() -> None:
             "the CPU (slow), or drop bf16 to train in float32"
         )
     raise UserError(f"bf16: true needs bfloat16 support and this machine has {found}: {fix}")
+
+
+def check_teachers(config) -> list[float]:
+    """The ``teachers`` / ``teacher_weights`` keys of a recipe, checked; the weights divided by their sum."""
+    teachers, weights = config.teachers, config.teacher_weights
+    if not teachers:
+        raise UserError("teacher_weights is set but teachers is not: list the teachers the weights are for")
+    single = [k for k in ("teacher_model_name_or_path", "teacher_cache", "teacher_server") if getattr(config, k)]
+    if single:
+        raise UserError(
+            f"teachers and {single[0]} are both set: list every teacher under teachers (a model or a cache "
+            f"directory each), or give one with {single[0]} and drop teachers"
+        )
+    served = [t for t in teachers if t.startswith(("http://", "https://"))]
+    if served:
+        raise UserError(
+            f"teachers: {served[0]} is a server, and a served teacher among several is not implemented; fill a cache "
+            "from it (`distill cache-teacher` with teacher_server and teacher_cache) and list the cache's directory"
+        )
+    if weights is None:
+        weights = [1.0] * len(teachers)
+    if len(weights) != len(teachers):
+        raise UserError(
+            f"teacher_weights has {len(weights)} weight(s) for {len(teachers)} teachers: give one per teacher, in "
+            "the order of teachers (or none, for equal weights)"
+        )
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise UserError(f"teacher_weights must be >= 0 with a sum > 0, got {weights}")
+    if config.hidden_loss_weight > 0:
+        raise UserError(
+            "hidden_loss_weight > 0 pairs the student's layers with one teacher's: give that teacher alone "
+            "(teacher_model_name_or_path), or set hidden_loss_weight: 0"
+        )
+    return [w / sum(weights) for w in weights]
 
 
 def _check_dtype(name: str, value: str) -> None:
@@ -307,6 +342,21 @@ class DistillConfig(RunArguments, TrainingArguments):
             "byte offsets of the text and vocabularies mapped (distill.xtoken; see xtoken_loss)."
         },
     )
+    teachers: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Several teachers at once, instead of teacher_model_name_or_path / teacher_cache: each a hub id, "
+            "a local directory or a .gguf file (run here; its tokenizer may differ from the student's), or a "
+            "directory `distill cache-teacher` wrote (it has a manifest.json). The KD term is sum_i w_i KD_i over "
+            "them with teacher_weights; each has its own bill line in cost_report.json."
+        },
+    )
+    teacher_weights: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "One weight >= 0 per entry of teachers, in order (they are divided by their sum); unset: equal."
+        },
+    )
     teacher_dtype: str = field(
         default="auto",
         metadata={
@@ -486,7 +536,9 @@ class DistillConfig(RunArguments, TrainingArguments):
 
     def __post_init__(self):
         # Validate before TrainingArguments.__post_init__, which may already touch devices.
-        if not self.teacher_model_name_or_path and not self.teacher_cache:
+        if self.teachers is not None or self.teacher_weights is not None:
+            self.teacher_weights = check_teachers(self)
+        elif not self.teacher_model_name_or_path and not self.teacher_cache:
             raise UserError(
                 "teacher_model_name_or_path is required (the hub id or local path of the teacher), "
                 "or teacher_cache: a directory written by `distill cache-teacher`"

@@ -145,6 +145,7 @@ class CostCallback(TrainerCallback, ExportableState):
         teacher_server: str | None = None,
         generation_server: str | None = None,
         prune: dict | None = None,
+        teachers: dict | None = None,
     ):
         self.meter = FlopMeter()
         self.peak_tflops = peak_tflops  # as given; None: detected at train begin, again after a resume
@@ -153,12 +154,15 @@ class CostCallback(TrainerCallback, ExportableState):
         self.teacher_server = teacher_server  # the URL, when the teacher is served
         self.generation_server = generation_server  # the URL, when the student samples on vLLM (use_vllm)
         self.prune = prune  # the "cost" of the student folder's prune_report.json (`distill prune`)
+        # Several teachers: {meter role: {"name", "source": model | cache, "weight", "cache": its build or None}},
+        # each billed on its own line (a model: its measured forwards; a cache: its share of the build).
+        self.teachers = teachers
         # this session's served teacher FLOPs, positions, request and waiting ms; served sampling FLOPs
         self._served = [0, 0, 0, 0, 0]
         self.accelerator: str | None = None
         self.peak: float | None = peak_tflops  # in use
         # All processes, as of the last sync; what checkpoints hold.
-        self.totals = {**dict.fromkeys(self.KEYS, 0), "seconds": 0.0}
+        self.totals = {**dict.fromkeys(self.keys, 0), "seconds": 0.0}
         self._base = dict(self.totals)
         self._start = self._last_time = time.perf_counter()
         self._last_flops = 0
@@ -175,6 +179,7 @@ class CostCallback(TrainerCallback, ExportableState):
                 "teacher_server": self.teacher_server,
                 "generation_server": self.generation_server,
                 "prune": self.prune,
+                "teachers": self.teachers,
             },
             "attributes": {"totals": dict(self.totals)},
         }
@@ -185,8 +190,21 @@ class CostCallback(TrainerCallback, ExportableState):
         """The student's forward + backward (a teacher forward inside is counted apart)."""
         return self.meter.measure("student", inputs)
 
-    def teacher_forward(self, inputs: dict):
-        return self.meter.measure("teacher", inputs)
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The totals summed over processes and checkpointed: one more per teacher when there are several."""
+        return self.KEYS + tuple(f"{role}_flops" for role in self.teachers or ())
+
+    def teacher_forward(self, inputs: dict, role: str = "teacher"):
+        """A teacher's forward; ``role``: which teacher, when there are several."""
+        return self.meter.measure(role, inputs)
+
+    def teacher_cache_read(self, build: dict, role: str = "teacher") -> None:
+        """The teacher ``role`` is a cache: billed its share of ``build`` (the manifest's train split cost)."""
+        if self.teachers is None:
+            self.teacher_cache = build
+        else:
+            self.teachers[role]["cache"] = build
 
     @contextmanager
     def sampling(self, model: torch.nn.Module):
@@ -233,7 +251,7 @@ class CostCallback(TrainerCallback, ExportableState):
         self._served[4] += flops
 
     @contextmanager
-    def output_layers(self, rows: int, key: tuple, teacher_flops_per_row: int = 0):
+    def output_layers(self, rows: int, key: tuple, teacher_flops_per_row: int = 0, role: str = "teacher"):
         """The chunked loss: both output layers on ``rows`` target positions, and the student's
         head gradients. Its FLOPs are linear in ``rows``, so they are counted once per ``key``
         (hidden sizes, vocabulary) and scaled, not measured again for every count of targets. The
@@ -242,13 +260,13 @@ class CostCallback(TrainerCallback, ExportableState):
         with self.meter.measure("student", {}, "output layers", *key, units=rows):
             yield
         if teacher_flops_per_row:
-            self.meter.move(teacher_flops_per_row * rows, "student", "teacher")
+            self.meter.move(teacher_flops_per_row * rows, "student", role)
 
     # -- events
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         saved = (state.stateful_callbacks or {}).get(type(self).__name__) if state.global_step > 0 else None
-        self._base = {**self.totals, **dict.fromkeys(self.KEYS, 0), "seconds": 0.0}
+        self._base = {**self.totals, **dict.fromkeys(self.keys, 0), "seconds": 0.0}
         if saved:
             self._base.update(saved["attributes"]["totals"])
         self.totals = dict(self._base)
@@ -285,16 +303,25 @@ class CostCallback(TrainerCallback, ExportableState):
     def teacher_flops(self) -> int:
         """The teacher's bill: its forwards in this run, its share of the cache build, or the positions
         a server scored (computed)."""
+        if self.teachers is not None:
+            return sum(self._teacher_bill(role) for role in self.teachers)
         if self.teacher_server is not None:
             return self.totals["served_flops"]
         if self.teacher_cache is None:
             return self.totals["teacher_flops"]
         return round(self.teacher_cache["flops"] * self.cache_share)
 
+    def _teacher_bill(self, role: str) -> int:
+        cache = self.teachers[role]["cache"]
+        return self.totals.get(f"{role}_flops", 0) if cache is None else round(cache["flops"] * self._share(cache))
+
     @property
     def cache_share(self) -> float:
         """The part of the cache's examples this run has read (each at least once)."""
-        return min(1.0, self.totals["examples"] / max(self.teacher_cache["examples"], 1))
+        return self._share(self.teacher_cache)
+
+    def _share(self, cache: dict) -> float:
+        return min(1.0, self.totals["examples"] / max(cache["examples"], 1))
 
     @property
     def flops_done(self) -> int:
@@ -320,14 +347,15 @@ class CostCallback(TrainerCallback, ExportableState):
         """totals = checkpointed base + this session's counts summed over processes. Every process
         calls this at the same steps (the Trainer's log/save decisions are the same everywhere)."""
         m = self.meter
-        local = [m.flops.get("teacher", 0), m.flops.get("student", 0), m.flops.get("generation", 0),
+        roles = list(self.teachers or ("teacher",))
+        local = [sum(m.flops.get(r, 0) for r in roles), m.flops.get("student", 0), m.flops.get("generation", 0),
                  sum(m.recomputed.values()), m.tokens.get("student", 0), m.examples.get("student", 0),
-                 *self._served]  # fmt: skip
+                 *self._served, *(m.flops.get(r, 0) for r in self.teachers or ())]  # fmt: skip
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             t = torch.tensor(local, dtype=torch.float64, device=args.device)
             torch.distributed.all_reduce(t)
             local = [int(v) for v in t.tolist()]
-        for key, value in zip(self.KEYS, local, strict=True):
+        for key, value in zip(self.keys, local, strict=True):
             self.totals[key] = self._base[key] + value
         self.totals["seconds"] = self._base["seconds"] + time.perf_counter() - self._start
 
@@ -381,7 +409,9 @@ class CostCallback(TrainerCallback, ExportableState):
                 "forwards; HFU is computed on them, MFU on model FLOPs",
             },
             # none: no teacher forward ran in training (alpha 0)
-            "teacher_source": "server"
+            "teacher_source": "several"
+            if self.teachers is not None
+            else "server"
             if self.teacher_server is not None
             else "cache"
             if self.teacher_cache is not None
@@ -412,6 +442,18 @@ class CostCallback(TrainerCallback, ExportableState):
             "matmul, attention QK^T and PV over the full sequence, backward 2x forward, activation checkpointing's "
             "recompute left out (it is in hardware_flops); tokens are positions processed, padding included",
         }
+        if self.teachers is not None:
+            report["teachers"] = [
+                {
+                    "name": t["name"],
+                    "source": "cache" if t["cache"] is not None else "model",
+                    "weight": t["weight"],
+                    "flops": (flops := self._teacher_bill(role)),
+                    "pflops_days": pflops_days(flops),
+                    **({"cache_share": self._share(t["cache"])} if t["cache"] is not None else {}),
+                }
+                for role, t in self.teachers.items()
+            ]
         if self.teacher_cache is not None:
             c = self.teacher_cache
             report["teacher_cache"] = {
@@ -470,6 +512,9 @@ def render_report(r: dict) -> str:
             f"  {name:<8} {_num(r['flops'][role]):>10} FLOPs  {r['pflops_days'][role]:.4g} PFlop/s-day"
             + (f"  {_num(ft)} FLOPs/token" if ft else "")
         )
+    for t in r.get("teachers", ()):
+        how = f"amortised from its cache, {t['cache_share']:.0%} of the build" if t["source"] == "cache" else "measured"
+        lines.append(f"    {t['name']} (weight {t['weight']:.3g}): {_num(t['flops'])} FLOPs, {how}")
     if r.get("teacher_cache"):
         c = r["teacher_cache"]
         lines.append(

@@ -254,11 +254,12 @@ def split_rows(args: DataArguments, seed: int = 0):
     return train_rows, eval_rows
 
 
-def teacher_length(config, data_args) -> int:
+def teacher_length(config, data_args, teacher: str | None = None) -> int:
     """Where the teacher's side of a row is cut: its tokenizer may need more tokens for the same text
-    (twice the student's max_length), within its positions. Cut positions are counted as unaligned."""
+    (twice the student's max_length), within its positions. Cut positions are counted as unaligned.
+    ``teacher``: which (one of several); default the recipe's teacher."""
     limit = None
-    where, gguf_file = resolve(config.teacher_model_name_or_path)
+    where, gguf_file = resolve(teacher or config.teacher_model_name_or_path)
     if not gguf_file and Path(where).is_dir():
         limit = json.loads((Path(where) / "config.json").read_text()).get("max_position_embeddings")
     return min(2 * data_args.max_length, limit) if isinstance(limit, int) else 2 * data_args.max_length
@@ -342,3 +343,43 @@ class Collator:
             mask[i, :n] = 1
             alignment[i, : len(r["alignment"])] = torch.tensor(r["alignment"])
         return {"teacher_input_ids": ids, "teacher_attention_mask": mask, "alignment": alignment}
+
+
+# Several teachers (`teachers:`): each teacher's columns and batch keys are named ``name@i``; teacher i's
+# source reads them under their plain names, so a source is the same alone or among several.
+
+
+def keyed(name: str, index: int | None) -> str:
+    """Teacher ``index``'s name for a row's or batch's key (the plain name for a single teacher)."""
+    return name if index is None else f"{name}@{index}"
+
+
+def own_keys(d: dict, index: int | None) -> dict:
+    """Teacher ``index``'s view of a row or batch: its own keys (``name@index``) under their plain
+    names and the shared keys (the student's), no other teacher's."""
+    if index is None:
+        return d
+    out = {}
+    for key, value in d.items():
+        name, at, i = key.partition("@")
+        if not at:
+            out.setdefault(key, value)
+        elif i == str(index):
+            out[name] = value
+    return out
+
+
+class TeachersCollator:
+    """Collates rows for several teachers: the student's side once (``collator``), then each teacher's
+    own keys from its collator (``per_teacher[i]``, which sees the rows as `own_keys` gives them),
+    renamed ``name@i``."""
+
+    def __init__(self, collator, per_teacher: list):
+        self.collator, self.per_teacher = collator, per_teacher
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch = self.collator([own_keys(r, -1) for r in rows])
+        for i, collate in enumerate(self.per_teacher):
+            part = collate([own_keys(r, i) for r in rows])
+            batch |= {keyed(k, i): v for k, v in part.items() if k not in batch}
+        return batch

@@ -224,6 +224,7 @@ class ModelTeacher:
     its final hidden states where the model allows it."""
 
     source = "model"
+    role = "teacher"  # its name in the bill; "teacher_i" for the i-th of several
 
     def __init__(
         self, model: torch.nn.Module, vocab_map: VocabMap | None = None, method: str = "projected", top_k: int = 64
@@ -256,7 +257,7 @@ class ModelTeacher:
             return self._cross_targets(inputs, cost)
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
         with (
-            cost.teacher_forward(inputs) if cost else contextlib.nullcontext(),
+            cost.teacher_forward(inputs, self.role) if cost else contextlib.nullcontext(),
             captured_layers(self.model, list(layers)) as states,
         ):
             if not chunked:
@@ -275,7 +276,7 @@ class ModelTeacher:
         used = labels[:, 1:].ne(IGNORE_INDEX) & where.ge(0)
         needed = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
         needed[torch.arange(len(ids), device=ids.device)[:, None].expand_as(where)[used], where[used]] = True
-        with cost.teacher_forward({**inputs, "input_ids": ids}) if cost else contextlib.nullcontext():
+        with cost.teacher_forward({**inputs, "input_ids": ids}, self.role) if cost else contextlib.nullcontext():
             if supports_chunked_loss(self.model):
                 with final_hidden_states(self.model) as captured:
                     self.model(**model_inputs, logits_to_keep=1)
@@ -314,6 +315,7 @@ class CachedTeacher:
     teacher's top-k at its own positions, and the targets are `CrossTopK`, as a live teacher's."""
 
     source = "cache"
+    role = "teacher"
     chunkable = True
 
     def __init__(self, cache: TeacherCache, vocab_map: VocabMap | None = None, method: str = "projected"):
@@ -322,7 +324,7 @@ class CachedTeacher:
     def attach(self, trainer) -> None:
         # At alpha 0 training reads no targets (only evaluation does): the build is not this run's bill.
         if trainer.cost and trainer.args.alpha > 0:
-            trainer.cost.teacher_cache = self.cache.manifest["teacher_cost"]["train"]
+            trainer.cost.teacher_cache_read(self.cache.manifest["teacher_cost"]["train"], self.role)
 
     def targets(self, inputs: dict, chunked: bool, cost=None) -> TopK | CrossTopK:
         targets = TopKTargets(inputs["teacher_logprobs"], inputs["teacher_ids"], inputs["teacher_tail"])
@@ -336,6 +338,7 @@ class ServedTeacher:
     """Top-k targets from a vLLM server (distill.teacher_server), checked before training."""
 
     source = "server"
+    role = "teacher"
     chunkable = True
 
     def __init__(self, server: TeacherServer, size: ModelSize):

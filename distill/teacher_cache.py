@@ -265,14 +265,14 @@ class TeacherCache:
             self.path / name, self.manifest["splits"][name]["examples"], self.manifest["examples_per_shard"]
         )
 
-    def attach(self, name: str, data):
-        """``data`` (a tokenized dataset of this run) whose rows carry their cached targets. In the
-        teacher's token space each row's are the cached row's with the same teacher tokens; UserError
+    def attach(self, name: str, data, key: str = "teacher_targets"):
+        """``data`` (a tokenized dataset of this run) whose rows carry their cached targets as ``key``. In
+        the teacher's token space each row's are the cached row's with the same teacher tokens; UserError
         if some row has none (the cache was built for other data)."""
         if data is None:
             return None
         if not self.teacher_space:
-            return WithTeacherTargets(data, self.split(name))
+            return WithTeacherTargets(data, self.split(name), key)
         if name not in self.manifest["splits"]:
             raise UserError(
                 f"teacher_cache {self.path} holds no {name} split: build it with a recipe that has {name} data, "
@@ -287,7 +287,7 @@ class TeacherCache:
                 "has their teacher tokens): it was built for other data. Rebuild it with `distill cache-teacher` on "
                 "this recipe, or restore the data it was built with"
             )
-        return WithTeacherTargets(data, split, index)
+        return WithTeacherTargets(data, split, key, index)
 
 
 class CacheSplit:
@@ -345,19 +345,20 @@ def _tokens_key(ids) -> bytes:
 
 
 class WithTeacherTargets(torch.utils.data.Dataset):
-    """A tokenized dataset whose rows also carry ``teacher_targets`` from a :class:`CacheSplit`: row i's
-    are example i's, or with ``index`` example ``index[i]``'s."""
+    """A tokenized dataset whose rows also carry ``teacher_targets`` (or ``key``: one of several
+    teachers') from a :class:`CacheSplit`: row i's are example i's, or with ``index`` example
+    ``index[i]``'s."""
 
-    def __init__(self, data, split: CacheSplit, index: list[int] | None = None):
+    def __init__(self, data, split: CacheSplit, key: str = "teacher_targets", index: list[int] | None = None):
         if index is None and len(data) != split.examples:
             raise ValueError(f"the cache holds {split.examples} examples but the data has {len(data)}")
-        self.data, self.split, self.index = data, split, index
+        self.data, self.split, self.key, self.index = data, split, key, index
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, i: int) -> dict:
-        return {**self.data[i], "teacher_targets": self.split.example(i if self.index is None else self.index[i])}
+        return {**self.data[i], self.key: self.split.example(i if self.index is None else self.index[i])}
 
 
 class TargetsCollator:

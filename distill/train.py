@@ -17,7 +17,16 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from distill import adapters, xtoken
 from distill.config import TRAIN_ARGUMENTS
 from distill.console import quiet_libraries, use_console
-from distill.data import Collator, build_datasets, detect_format, load_rows, teacher_length, unaligned_share
+from distill.data import (
+    Collator,
+    TeachersCollator,
+    build_datasets,
+    detect_format,
+    keyed,
+    load_rows,
+    teacher_length,
+    unaligned_share,
+)
 from distill.errors import UserError
 from distill.flops import model_size
 from distill.hidden import layer_pairs
@@ -34,7 +43,7 @@ from distill.models import (
 from distill.on_policy import StudentServer, prompts_of
 from distill.recipe import load_recipe, parse
 from distill.teacher import CachedTeacher, ModelTeacher, ServedTeacher
-from distill.teacher_cache import TargetsCollator, TeacherCache, run_identity
+from distill.teacher_cache import MANIFEST, TargetsCollator, TeacherCache, run_identity
 from distill.teacher_server import ServedTargetsCollator, TeacherServer, check_run
 from distill.trainer import DistillTrainer
 
@@ -99,6 +108,8 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     resolve(model_args.model_name_or_path)
     sampled = config.max_new_tokens if config.lmbda > 0 else 0  # on-policy rows: a prompt + the student's sample
     check_max_length(model_args.model_name_or_path, data_args.max_length, "student", sampled)
+    if config.teachers:
+        return run_several(recipe, config, data_args, model_args, resume, sampled)
     if config.teacher_cache and config.teacher_server:
         raise UserError(
             "teacher_cache and teacher_server are both set, and training reads its targets from one: drop "
@@ -246,7 +257,7 @@ def check_cross_tokenizer(config, tokenizer, teacher_tokenizer) -> None:
 VOCAB_MAP = "vocab_map.safetensors"
 
 
-def run_vocab_map(config, data_args, tokenizer, teacher_tokenizer) -> xtoken.VocabMap:
+def run_vocab_map(config, data_args, tokenizer, teacher_tokenizer, name: str = VOCAB_MAP) -> xtoken.VocabMap:
     """The (student, teacher) vocabulary map, built once per run and saved beside it
     (OUTPUT_DIR/vocab_map.safetensors); a resumed run reads it back, refusing one of another pair.
     Chat data pins the student's end-of-turn token to the teacher's, which is what an aligned end of
@@ -255,7 +266,7 @@ def run_vocab_map(config, data_args, tokenizer, teacher_tokenizer) -> xtoken.Voc
     if detect_format(load_rows(data_args.dataset, data_args.dataset_config, data_args.dataset_split)) == "messages":
         ends = xtoken.end_of_turn_id(tokenizer), xtoken.end_of_turn_id(teacher_tokenizer)
         pairs = {ends[0]: ends[1]} if None not in ends else {}
-    path = Path(config.output_dir) / VOCAB_MAP
+    path = Path(config.output_dir) / name
     if path.is_file():
         return xtoken.VocabMap.load(path, tokenizer, teacher_tokenizer, pairs)
     vocab_map = xtoken.build_vocab_map(tokenizer, teacher_tokenizer, special_pairs=pairs)
@@ -263,6 +274,127 @@ def run_vocab_map(config, data_args, tokenizer, teacher_tokenizer) -> xtoken.Voc
         path.parent.mkdir(parents=True, exist_ok=True)
         vocab_map.save(path)
     return vocab_map
+
+
+def run_several(recipe: dict, config, data_args, model_args, resume: str | None, sampled: int) -> dict:
+    """`distill train` with ``teachers:``: each a model run here (its tokenizer may differ from the
+    student's) or a cache, checked in the order of one teacher's, cheapest first; their columns and
+    batch keys named ``name@i`` (distill.data.own_keys), one vocabulary map per teacher with another
+    tokenizer (``vocab_map_i.safetensors``), one bill line each."""
+    if config.use_vllm:
+        raise UserError("use_vllm with several teachers is not implemented; sample with generate (use_vllm: false)")
+    caches = {}
+    for i, entry in enumerate(config.teachers):
+        if (Path(entry) / MANIFEST).is_file():
+            if config.lmbda > 0:
+                raise UserError(
+                    f"teachers: {entry} is a cache, and lmbda > 0 needs teachers that grade the student's own "
+                    "samples; list the teacher's model instead"
+                )
+            caches[i] = TeacherCache(entry)
+        else:
+            resolve(entry)
+            check_max_length(entry, data_args.max_length, f"teacher {entry}", sampled)
+
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    other = {}  # teacher index -> its tokenizer, where it is not the student's
+    for i, entry in enumerate(config.teachers):
+        if i not in caches:
+            teacher_tokenizer = load_tokenizer(entry)
+            if not same_tokenizer(tokenizer, teacher_tokenizer):
+                check_cross_tokenizer(config, tokenizer, teacher_tokenizer)
+                other[i] = teacher_tokenizer
+
+    # Each teacher with another tokenizer adds its side of every row (the student's side is the same in each).
+    build = {"seed": config.seed, "prompts_only": config.lmbda == 1}
+    cross, vocab_maps = {}, {}
+    with config.main_process_first(desc="tokenizing"):
+        if not other:
+            train_data, eval_data = build_datasets(data_args, tokenizer, **build)
+        for i, teacher_tokenizer in other.items():
+            pair = {
+                "teacher_tokenizer": teacher_tokenizer,
+                "teacher_max_length": teacher_length(config, data_args, config.teachers[i]),
+            }
+            pair_train, pair_eval = build_datasets(data_args, tokenizer, **build, **pair)
+            cross[i] = coverage(pair_train, pair_eval)
+            pair_train, pair_eval = (
+                None if d is None else d.rename_columns({k: keyed(k, i) for k in TEACHER_COLUMNS})
+                for d in (pair_train, pair_eval)
+            )
+            if i == min(other):
+                train_data, eval_data = pair_train, pair_eval
+            else:
+                train_data, eval_data = _with_columns(train_data, eval_data, pair_train, pair_eval, i)
+    for i, teacher_tokenizer in other.items():
+        with config.main_process_first(desc="vocabulary map"):
+            vocab_maps[i] = run_vocab_map(config, data_args, tokenizer, teacher_tokenizer, f"vocab_map_{i}.safetensors")
+        if config.process_index == 0:
+            print(
+                f"distill: teacher {i} ({config.teachers[i]}): "
+                + coverage_line(cross[i], tokenizer, teacher_tokenizer).removeprefix("distill: "),
+                flush=True,
+            )
+    for cache in caches.values():
+        cache.check(run_identity(config, data_args, tokenizer, train_data, eval_data))
+    if config.lmbda > 0:
+        prompts_of(Collator(tokenizer.pad_token_id)([train_data[0]]))
+
+    student = adapters.load_student(model_args, config)
+    if config.process_index == 0:
+        print(adapters.trainable_parameters(student), flush=True)
+    pad = tokenizer.pad_token_id
+    sources, per_teacher = [], []
+    for i, entry in enumerate(config.teachers):
+        if i in caches:
+            vocab_sizes_fit(tokenizer, student)
+            caches[i].check_student(student)
+            train_data = caches[i].attach("train", train_data, keyed("teacher_targets", i))
+            eval_data = caches[i].attach("eval", eval_data, keyed("teacher_targets", i))
+            sources.append(CachedTeacher(caches[i]))
+            per_teacher.append(TargetsCollator(Collator(pad), caches[i].k))
+            continue
+        model = load_model(entry, config.resolved_teacher_dtype, model_args.attn_implementation)
+        if i in other:
+            vocab_sizes_fit(tokenizer, student)
+            vocab_sizes_fit(other[i], model)
+            sources.append(ModelTeacher(model, vocab_maps[i], config.xtoken_loss, config.teacher_top_k))
+            per_teacher.append(Collator(pad, teacher_pad_token_id=other[i].pad_token_id))
+        else:
+            vocab_sizes_fit(tokenizer, student, model)
+            sources.append(ModelTeacher(model))
+            per_teacher.append(Collator(pad))
+
+    config.eval_on_start = eval_data is not None and not resume
+    trainer = DistillTrainer(
+        model=student,
+        teacher=sources,
+        args=config,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        processing_class=tokenizer,
+        data_collator=TeachersCollator(Collator(pad), per_teacher),
+    )
+    extra = {"cross_tokenizer_teachers": {config.teachers[i]: c for i, c in cross.items()}} if cross else None
+    return train_and_save(trainer, recipe, resume, summary, extra)
+
+
+TEACHER_COLUMNS = ("teacher_input_ids", "alignment")  # a teacher with another tokenizer's side of a row
+
+
+def _with_columns(train_data, eval_data, pair_train, pair_eval, i: int):
+    """The rows with teacher ``i``'s columns added from its own tokenisation of the same rows."""
+    out = []
+    for data, pair in ((train_data, pair_train), (eval_data, pair_eval)):
+        if data is None:
+            out.append(None)
+            continue
+        if len(data) != len(pair) or any(data[j]["input_ids"] != pair[j]["input_ids"] for j in (0, len(data) - 1)):
+            raise RuntimeError("two tokenisations of the same rows gave different student sides")  # a bug, not input
+        for k in TEACHER_COLUMNS:
+            data = data.add_column(keyed(k, i), pair[keyed(k, i)])
+        out.append(data)
+    return out
 
 
 def coverage(train_data, eval_data) -> dict:
@@ -328,6 +460,11 @@ def _named(name: str) -> str:
     return f"[{name}](https://huggingface.co/{name})" if _on_hub(name) else f"`{name}`"
 
 
+def teacher_list(config) -> str:
+    """The teachers of a ``teachers:`` run with their weights (after division by their sum)."""
+    return ", ".join(f"{_named(t)} (w = {w:.3g})" for t, w in zip(config.teachers, config.teacher_weights))
+
+
 def _card_metrics(metrics: dict) -> list[tuple[str, object, object]]:
     """(name, before, after) of the held-out numbers, without the timings."""
     timings = ("runtime", "samples_per_second", "steps_per_second", "epoch")
@@ -375,6 +512,9 @@ def write_model_card(trainer, recipe: dict, metrics: dict, output_dir: str) -> N
             f"{'A LoRA adapter for' if adapter else 'A student model initialised from'} {_named(student)}, "
             f"distilled from the teacher {_named(teacher)} with `distill train`: loss = {config.alpha} x "
             f"T^2 x {config.loss_type}(teacher, student) + {1 - config.alpha:g} x cross-entropy, "
+            if not config.teachers
+            else f"distilled from the teachers {teacher_list(config)} with `distill train`: loss = {config.alpha} x "
+            f"T^2 x sum_i w_i {config.loss_type}(teacher_i, student) + {1 - config.alpha:g} x cross-entropy, "
             f"T = {config.temperature}"
             + (
                 f" + {config.hidden_loss_weight:g} x {config.hidden_loss_type} on aligned hidden states."
@@ -401,7 +541,9 @@ def write_model_card(trainer, recipe: dict, metrics: dict, output_dir: str) -> N
             else f" (its top-k targets, served by vLLM at {config.teacher_server})" if config.teacher_server
             else ""
         )  # fmt: skip
-        lines.append(f"| teacher | {_named(teacher)}{source} |")
+        lines.append(
+            f"| teachers | {teacher_list(config)} |" if config.teachers else f"| teacher | {_named(teacher)}{source} |"
+        )
     lines.append(f"| training data | {_named(recipe['dataset'])} |")
     if recipe.get("eval_dataset"):
         lines.append(f"| held-out data | {_named(recipe['eval_dataset'])} |")
@@ -492,11 +634,21 @@ def summary(trainer, metrics: dict, output_dir: str) -> str:
         before = metrics["eval_before"].get("eval_before_agreement")
         lines.append(
             f"  agreement with teacher (held out)  before {fmt(before)}  after {fmt(metrics['eval']['eval_agreement'])}"
+            + (" (the teachers', weighted)" if trainer.args.teachers else "")
         )
         lines.append(
             f"  held-out KL to teacher            before {fmt(metrics['eval_before'].get('eval_before_kd_loss'))}"
-            f"  after {fmt(metrics['eval']['eval_kd_loss'])}"
+            f"  after {fmt(metrics['eval']['eval_kd_loss'])}" + (" (weighted)" if trainer.args.teachers else "")
         )
+    for i, name in enumerate(trainer.args.teachers or ()):
+        if f"eval_agreement_teacher_{i}" in metrics["eval"]:
+            lines.append(
+                f"  teacher {i} {name} (weight {trainer.args.teacher_weights[i]:.3g}): agreement before "
+                f"{fmt(metrics['eval_before'].get(f'eval_before_agreement_teacher_{i}'))} after "
+                f"{fmt(metrics['eval'][f'eval_agreement_teacher_{i}'])}, KL before "
+                f"{fmt(metrics['eval_before'].get(f'eval_before_kd_loss_teacher_{i}'))} after "
+                f"{fmt(metrics['eval'].get(f'eval_kd_loss_teacher_{i}'))}"
+            )
     for split, c in metrics.get("cross_tokenizer", {}).items():
         lines.append(
             f"  unaligned targets ({split:<5})   {c['unaligned_share']:.2%} ({c['unaligned_targets']} of {c['targets']}: "

@@ -24,9 +24,10 @@ from transformers.trainer_utils import get_last_checkpoint
 from distill.chunked import final_hidden_states, output_weight, supports_chunked_loss, top1_rows
 from distill.config import DistillConfig
 from distill.cost import CostCallback
+from distill.data import own_keys
 from distill.errors import NonFiniteError, ServerError, UserError
 from distill.hidden import HiddenStateLoss, captured_layers, layer_pairs, prune_report
-from distill.losses import IGNORE_INDEX
+from distill.losses import IGNORE_INDEX, DistillationLoss
 from distill.on_policy import StudentServer, is_on_policy, on_policy_batch, prompts_of, sample, step_seed, stop_ids
 from distill.placement import sharding
 from distill.teacher import as_source, no_teacher
@@ -108,7 +109,8 @@ class DistillTrainer(MeteredTrainer):
 
     def __init__(self, model, teacher, args: DistillConfig, student_server: StudentServer | None = None, **kwargs):
         """``teacher``: the teacher model, or a source of its targets (distill.teacher), or None for
-        the cache ``args.teacher_cache`` names.
+        the cache ``args.teacher_cache`` names; or a list of models / sources, several teachers weighted by
+        ``args.teacher_weights`` (equal when unset), each reading its own batch keys (``name@i``).
         ``student_server``: with ``args.use_vllm``, the vLLM server that samples the student's completions."""
         # Trainer and accelerate set private fields on the args they get; the user's object stays theirs.
         super().__init__(model=model, args=copy.deepcopy(args), **kwargs)
@@ -117,15 +119,34 @@ class DistillTrainer(MeteredTrainer):
         # shifts labels like a causal LM, so count labels[:, 1:].
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
-        self.teacher = teacher = as_source(teacher, self.args.teacher_cache)
-        teacher.attach(self)
+        self._several = isinstance(teacher, (list, tuple))
+        sources = (
+            [as_source(t, None) for t in teacher] if self._several else [as_source(teacher, self.args.teacher_cache)]
+        )
+        weights = self.args.teacher_weights if self._several and self.args.teacher_weights else [1.0] * len(sources)
+        if len(weights) != len(sources):
+            raise ValueError(f"args.teacher_weights has {len(weights)} weights for {len(sources)} teachers")
+        self._weights = [w / sum(weights) for w in weights]
+        if self._several:
+            names = self.args.teachers if len(self.args.teachers or ()) == len(sources) else None
+            for i, source in enumerate(sources):
+                source.role = f"teacher_{i}"
+            if self.cost:
+                self.cost.teachers = {
+                    s.role: {"name": names[i] if names else s.role, "weight": w, "cache": None}
+                    for i, (s, w) in enumerate(zip(sources, self._weights))
+                }
+        for source in sources:
+            source.attach(self)
+        self.teachers = sources
+        self.teacher = sources[0]  # the teacher, when there is one
         # The chunked loss reads the output layers' weights whole, outside their forward; the
         # sharding engines only gather them inside it.
         self._chunked = (
             self.args.chunked_loss
             and sharding(self.accelerator) is None
             and supports_chunked_loss(self.model)
-            and teacher.chunkable
+            and all(source.chunkable for source in sources)
         )
         # Inside the Trainer autocast covers only the model's forward, not compute_loss: the chunked
         # loss is told the run's mixed-precision dtype for its output-layer matmuls.
@@ -135,7 +156,10 @@ class DistillTrainer(MeteredTrainer):
             self.add_callback(ZeroGradAfterStep(self.hidden_loss))
         self._train_sums = torch.zeros(3)  # kd, ce, hidden since the last log, each already a step mean
         self._unaligned_sums = torch.zeros(2)  # target tokens with no teacher position, target tokens
-        self._eval_sums = torch.zeros(5)  # kd*tokens, ce*tokens, hidden*tokens, agreeing tokens, tokens
+        # kd*tokens, ce*tokens, hidden*tokens, agreeing tokens, tokens agreement is over, target tokens
+        self._eval_sums = torch.zeros(6)
+        # several teachers, each: kd*tokens, agreeing tokens, tokens (weighted into _eval_sums as well)
+        self._teacher_sums = torch.zeros(len(sources), 3)
         self._last_logged_step = None  # the global step before the first micro-batch since the last log
         # on-policy micro-batches, micro-batches, sampled sequences, sampled tokens, teacher-scored reverse
         # KL summed over the sampled tokens; since the last log
@@ -280,13 +304,14 @@ class DistillTrainer(MeteredTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training and self.accelerator.num_processes > 1:
             inputs = {**inputs, "labels": self._without_padded_rows(inputs["labels"])}
-        out, outputs, agreement, student, targets, hidden = self._distill(model, inputs, num_items_in_batch)
+        out, kds, outputs, agreement, student, parts, hidden = self._distill(model, inputs, num_items_in_batch)
         loss = out.loss + self.args.hidden_loss_weight * hidden if self.hidden_loss is not None else out.loss
         if not bool(torch.isfinite(loss)):
-            raise self._non_finite(loss, {"teacher": targets.tensors(), "student": [student[0]]}, model.training)
+            teachers = [t for _, _, targets in parts for t in targets.tensors()]
+            raise self._non_finite(loss, {"teacher": teachers, "student": [student[0]]}, model.training)
         if "on_policy" in inputs:
             denom = num_items_in_batch if num_items_in_batch is not None else out.num_tokens
-            reverse_kl = self._sampled_reverse_kl(student, targets, inputs["labels"], out, denom)
+            reverse_kl = self._sampled_reverse_kl(student, parts, inputs["labels"], out, denom)
             self._policy_sums[2:] += torch.stack(
                 [torch.tensor(float(len(inputs["labels"]))), out.num_tokens.float().cpu(), reverse_kl.float().cpu()]
             )
@@ -300,10 +325,16 @@ class DistillTrainer(MeteredTrainer):
                     [unaligned_targets(inputs["alignment"], inputs["labels"]), int(out.num_tokens)], dtype=torch.float
                 )
         else:
-            matches, tokens = agreement
+            # Agreement with several teachers: each teacher's, weighted (their aligned positions may differ).
+            tokens = out.num_tokens
+            matches = sum(w * m for (w, _, _), (m, _) in zip(parts, agreement))
+            aligned = sum(w * n for (w, _, _), (_, n) in zip(parts, agreement))
             self._eval_sums += (
-                torch.stack([out.kd * tokens, out.ce * tokens, hidden * tokens, matches, tokens]).float().cpu()
+                torch.stack([out.kd * tokens, out.ce * tokens, hidden * tokens, matches, aligned, tokens]).float().cpu()
             )
+            if self._several:
+                for i, ((m, n), kd) in enumerate(zip(agreement, kds)):
+                    self._teacher_sums[i] += torch.stack([kd * tokens, m, n]).float().cpu()
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counted every process's tokens and DDP averages gradients over
             # processes, so undo that average to get the global token mean.
@@ -311,12 +342,14 @@ class DistillTrainer(MeteredTrainer):
         return (loss, outputs) if return_outputs else loss
 
     def _distill(self, model, inputs, num_items_in_batch):
-        """(DistillationLoss, student outputs, (matches, tokens) at evaluation else None, the student's
-        side (logits,) or (hidden, weight), the teacher's targets, the hidden-state term (0 when off)).
+        """(DistillationLoss, each teacher's KD term, student outputs, each teacher's (matches, tokens) at
+        evaluation else None, the student's side (logits,) or (hidden, weight), the teachers' targets as
+        (weight, bill role, targets), the hidden-state term (0 when off)).
 
-        One path whatever the teacher's source: the student's side, the source's targets
-        (distill.teacher), the loss on the two (`_loss`). A hidden-state term names the layers it
-        reads on each side; their outputs are captured in these same forwards.
+        One path whatever the teachers' sources: the student's side, each source's targets
+        (distill.teacher) on its own view of the batch, the loss on the two (`_loss`), weighted over the
+        teachers. A hidden-state term names the layers it reads on each side; their outputs are captured
+        in these same forwards.
         """
         labels = inputs["labels"]
         kw = {
@@ -342,24 +375,42 @@ class DistillTrainer(MeteredTrainer):
         if not evaluating and self.args.alpha == 0.0 and term is None:
             # Plain supervised training: the teacher neither runs nor is billed in training, and the KD
             # term is exactly 0 (not logged). Evaluation still asks the teacher, for agreement and the KL.
-            targets = no_teacher(labels, None if self._chunked else outputs.logits, self._width(student))
+            parts = [
+                (1.0, "teacher", no_teacher(labels, None if self._chunked else outputs.logits, self._width(student)))
+            ]
         else:
-            try:
-                cost = None if evaluating else self.cost
-                if term is None:
-                    targets = self.teacher.targets(inputs, self._chunked, cost)
-                else:
-                    targets = self.teacher.targets(inputs, self._chunked, cost, layers=term.teacher_layers)
-            except ServerError as err:
-                raise self._server_stopped(err, evaluating) from err
-        out = self._loss(student, targets, labels, kw, bill=not evaluating)
-        hidden = term(student_states, targets.layers, labels, num_items_in_batch) if term else out.kd.new_zeros(())
-        agreement = targets.agreement(*self._top1(student, targets), labels) if evaluating else None
-        return out, outputs, agreement, student, targets, hidden
+            parts = []
+            cost = None if evaluating else self.cost
+            for i, (weight, source) in enumerate(zip(self._weights, self.teachers)):
+                view = own_keys(inputs, i if self._several else None)
+                try:
+                    if term is None:
+                        targets = source.targets(view, self._chunked, cost)
+                    else:
+                        targets = source.targets(view, self._chunked, cost, layers=term.teacher_layers)
+                except ServerError as err:
+                    raise self._server_stopped(err, evaluating) from err
+                parts.append((weight, source.role, targets))
+        out, kds = self._mixed_loss(student, parts, labels, kw, bill=not evaluating)
+        hidden = term(student_states, parts[0][2].layers, labels, num_items_in_batch) if term else out.kd.new_zeros(())
+        agreement = [t.agreement(*self._top1(student, t), labels) for _, _, t in parts] if evaluating else None
+        return out, kds, outputs, agreement, student, parts, hidden
 
-    def _loss(self, student: tuple, targets, labels, kw: dict, bill: bool, tag: str = ""):
+    def _mixed_loss(self, student: tuple, parts: list, labels, kw: dict, bill: bool, tag: str = ""):
+        """(the loss against every teacher, weighted: sum_i w_i (alpha KD_i + (1 - alpha) CE), which with
+        weights summing to 1 is alpha sum_i w_i KD_i + (1 - alpha) CE; each teacher's KD term)."""
+        outs = [self._loss(student, targets, labels, kw, bill, tag, role) for _, role, targets in parts]
+        if len(outs) == 1:
+            return outs[0], [outs[0].kd]
+        weights = [w for w, _, _ in parts]
+        loss = sum(w * o.loss for w, o in zip(weights, outs))
+        kd = sum(w * o.kd for w, o in zip(weights, outs))
+        return DistillationLoss(loss, kd, outs[0].ce, outs[0].num_tokens), [o.kd for o in outs]
+
+    def _loss(self, student: tuple, targets, labels, kw: dict, bill: bool, tag: str = "", role: str = "teacher"):
         """The KD loss of the student's side, (logits,) or with the chunked loss (hidden, weight), on
-        the teacher's targets (distill.teacher), billing the chunked loss's output layers."""
+        the teacher's targets (distill.teacher), billing the chunked loss's output layers (the teacher's
+        part to ``role``)."""
         vocab = targets.vocab(self._width(student))
         if not self._chunked:
             return targets.on_logits(student[0], labels, vocab, kw)
@@ -367,7 +418,7 @@ class DistillTrainer(MeteredTrainer):
         key, teacher_per_row = targets.output_layers(hidden.shape[-1], vocab)
         rows = int(labels[:, 1:].ne(IGNORE_INDEX).sum())
         with (
-            self.cost.output_layers(rows, (tag, *key), teacher_per_row)
+            self.cost.output_layers(rows, (tag, *key), teacher_per_row, role)
             if self.cost and bill
             else contextlib.nullcontext()
         ):
@@ -384,14 +435,14 @@ class DistillTrainer(MeteredTrainer):
         return mine, targets.top1(vocab)
 
     @torch.no_grad()
-    def _sampled_reverse_kl(self, student: tuple, targets, labels, out, denom) -> torch.Tensor:
+    def _sampled_reverse_kl(self, student: tuple, parts: list, labels, out, denom) -> torch.Tensor:
         """Sum over an on-policy batch's sampled tokens of KL(p_S || p_T) at T = 1: how far the student's
         own samples are from what the teacher would write. The loss's KD term when it is exactly that;
         else computed again from what the loss used, without gradient (and billed)."""
         if self.args.loss_type == "reverse_kl" and self.args.temperature == 1.0:
             return out.kd * denom
         kw = {"alpha": 1.0, "temperature": 1.0, "loss_type": "reverse_kl", "num_items_in_batch": 1}
-        return self._loss(student, targets, labels, kw, bill=True, tag="reverse kl").kd
+        return self._mixed_loss(student, parts, labels, kw, bill=True, tag="reverse kl")[0].kd
 
     def _server_stopped(self, err: ServerError, evaluating: bool) -> ServerError:
         where = f"evaluation at step {self.state.global_step}" if evaluating else f"step {self.state.global_step + 1}"
@@ -459,14 +510,22 @@ class DistillTrainer(MeteredTrainer):
         prefix = self._eval_prefix
         if f"{prefix}_runtime" in logs:
             # Every process reduces, also one whose rows were all padding copies (it holds zeros).
-            kd, ce, hidden, agree, tokens = self._reduce(self._eval_sums).tolist()
+            kd, ce, hidden, agree, aligned, tokens = self._reduce(self._eval_sums).tolist()
             self._eval_sums.zero_()
+            if self._several:
+                for i, (kd_i, agree_i, aligned_i) in enumerate(self._reduce(self._teacher_sums).tolist()):
+                    if tokens > 0:
+                        logs[f"{prefix}_kd_loss_teacher_{i}"] = kd_i / tokens
+                    if aligned_i > 0:
+                        logs[f"{prefix}_agreement_teacher_{i}"] = agree_i / aligned_i
+                self._teacher_sums.zero_()
             if tokens > 0:
                 logs[f"{prefix}_kd_loss"] = kd / tokens
                 logs[f"{prefix}_ce_loss"] = ce / tokens
                 if self.hidden_loss is not None:
                     logs[f"{prefix}_hidden_loss"] = hidden / tokens
-                logs[f"{prefix}_agreement"] = agree / tokens
+                if aligned > 0:
+                    logs[f"{prefix}_agreement"] = agree / aligned
                 # The Trainer's eval_loss is a mean of batch means over padded batches; this is the
                 # training loss's own definition, over every held-out target token once.
                 a, w = self.args.alpha, self.args.hidden_loss_weight
