@@ -33,12 +33,15 @@ from distill.teacher_cache import (
     ARRAYS,
     FORMAT,
     MANIFEST,
+    TEACHER_TOKENIZER,
     CacheSplit,
     TargetsCollator,
     TeacherCache,
     mismatch,
+    read_tokenizer,
     run_identity,
     teacher_mismatch,
+    tokenizer_hash,
     write_json,
 )
 from distill.teacher_server import TeacherServer, check_run
@@ -53,27 +56,43 @@ def _final_hidden(model, inputs: dict) -> torch.Tensor:
     return captured["hidden"]
 
 
+def target_rows(batch: dict, every_position: bool = False) -> torch.Tensor:
+    """(batch, seq) bool: the positions the cache keeps a row for. Position p when label p + 1 is a
+    target; in the teacher's token space every position of the row, since which of them a student
+    aligns with depends on the student's tokenizer."""
+    if every_position:
+        return batch["attention_mask"].bool()
+    return torch.nn.functional.pad(batch["labels"][:, 1:].ne(IGNORE_INDEX), (0, 1))
+
+
 @torch.no_grad()
 def teacher_targets(
-    teacher, batch: dict, k: int, temperature: float, vocab: int, chunk: int = 1024, meter: FlopMeter | None = None
+    teacher,
+    batch: dict,
+    k: int,
+    temperature: float,
+    vocab: int,
+    chunk: int = 1024,
+    meter: FlopMeter | None = None,
+    every_position: bool = False,
 ) -> TopKTargets:
-    """Top-k targets of every target position of a batch, in row-major order, as fp32 tensors.
+    """Top-k targets of every row of a batch (`target_rows`), in row-major order, as fp32 tensors.
 
     From the final hidden states a chunk of rows at a time where the teacher allows it (the full
     logits of a batch are never made), else from its logits. ``meter`` counts the teacher's FLOPs.
     """
     measure = meter.measure if meter is not None else lambda *args, **kwargs: contextlib.nullcontext()
-    target = batch["labels"][:, 1:].ne(IGNORE_INDEX)
+    target = target_rows(batch, every_position)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with measure("teacher", inputs):
         if supports_chunked_loss(teacher):
-            rows, weight = _final_hidden(teacher, inputs)[:, :-1][target], output_weight(teacher)[:vocab]
+            rows, weight = _final_hidden(teacher, inputs)[target], output_weight(teacher)[:vocab]
             logits = (rows[i : i + chunk] @ weight.T for i in range(0, len(rows), chunk))
             # The output layer runs on target rows only: its FLOPs are per row, not per batch shape.
             with measure("teacher", {}, "output layer", units=len(rows)):
                 parts = [teacher_topk(x, k, temperature) for x in logits]
         else:
-            full = teacher(**inputs).logits[:, :-1][target][:, :vocab]
+            full = teacher(**inputs).logits[target][:, :vocab]
             parts = [teacher_topk(full[i : i + chunk], k, temperature) for i in range(0, len(full), chunk)]
     if not parts:
         return TopKTargets(torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long), torch.zeros(0))
@@ -104,9 +123,13 @@ def served_targets(server: TeacherServer, size, batches: list[dict]):
         yield rows, scored.flops(size)
 
 
-def write_split(directory: Path, data, teacher, collator, *, k, temperature, vocab, batch_size, per_shard, progress):
+def write_split(
+    directory: Path, data, teacher, collator, *, k, temperature, vocab, batch_size, per_shard, progress,
+    every_position=False,
+):  # fmt: skip
     """Cache ``data``'s targets under ``directory``, skipping shards that are already complete.
-    ``teacher``: the model, or a (TeacherServer, its ModelSize) pair."""
+    ``teacher``: the model, or a (TeacherServer, its ModelSize) pair. ``every_position``: the teacher's
+    token space (`target_rows`), whose shards also keep each row's token (``input_ids``)."""
     served = isinstance(teacher, tuple)
     device = "cpu" if served else next(teacher.parameters()).device
     meter = FlopMeter()  # one for the split: each batch shape is counted once, not once per shard
@@ -116,7 +139,7 @@ def write_split(directory: Path, data, teacher, collator, *, k, temperature, voc
         if final.is_dir():
             progress.update(last - first)
             continue
-        arrays = {name: [] for name in ARRAYS}
+        arrays = {name: [] for name in (*ARRAYS, "input_ids")}
         counts = []
         started, flops_before, computed = time.perf_counter(), meter.flops.get("teacher", 0), 0
         batches = [
@@ -129,14 +152,19 @@ def write_split(directory: Path, data, teacher, collator, *, k, temperature, voc
         if served:
             results = served_targets(*teacher, batches)
         else:
-            results = ((teacher_targets(teacher, batch, k, temperature, vocab, meter=meter), 0) for batch in batches)
+            results = (
+                (teacher_targets(teacher, batch, k, temperature, vocab, meter=meter, every_position=every_position), 0)
+                for batch in batches
+            )
         for batch, (targets, flops) in zip(batches, results, strict=True):
             for name, dtype in ARRAYS.items():
                 arrays[name].append(getattr(targets, name).cpu().numpy().astype(dtype))
-            counts += batch["labels"][:, 1:].ne(IGNORE_INDEX).sum(1).tolist()
+            rows = target_rows(batch, every_position)
+            arrays["input_ids"].append(batch["input_ids"][rows].cpu().numpy().astype(np.int32))
+            counts += rows.sum(1).tolist()
             computed += flops
             progress.update(len(batch["labels"]))
-        out = {name: np.concatenate(parts) for name, parts in arrays.items()}
+        out = {name: np.concatenate(parts) for name, parts in arrays.items() if every_position or name in ARRAYS}
         out["offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         cost = {"flops": computed if served else meter.flops.get("teacher", 0) - flops_before,
                 "examples": last - first}  # fmt: skip
@@ -212,14 +240,15 @@ def build(
     """
     from tqdm.auto import tqdm
 
+    from distill import xtoken
     from distill.config import TRAIN_ARGUMENTS
-    from distill.data import Collator, build_datasets
+    from distill.data import Collator, build_datasets, split_rows, teacher_length
     from distill.models import (
         check_max_length,
-        check_same_tokenizer,
         load_model,
         load_tokenizer,
         resolve,
+        same_tokenizer,
         vocab_sizes_fit,
     )
     from distill.recipe import load_recipe, parse
@@ -244,20 +273,30 @@ def build(
         resolve(name)
         check_max_length(name, data_args.max_length, role)
     tokenizer = load_tokenizer(model_args.model_name_or_path)
+    teacher_tokenizer = None  # set for a cache in the teacher's token space (another tokenizer than the student's)
     if server is not None:
         teacher_size = check_run(server, config, data_args, model_args, tokenizer)
     else:
-        check_same_tokenizer(
-            tokenizer,
-            load_tokenizer(config.teacher_model_name_or_path),
-            "A top-k cache of a teacher with another tokenizer is not implemented yet: train with the live "
-            "teacher instead (`distill train` with teacher_model_name_or_path and no teacher_cache aligns the "
-            "two tokenizers itself).",
-        )
-    with config.main_process_first(desc="tokenizing"):
-        train_data, eval_data = build_datasets(data_args, tokenizer, seed=config.seed)
+        teacher_tokenizer = load_tokenizer(config.teacher_model_name_or_path)
+        if same_tokenizer(tokenizer, teacher_tokenizer):
+            teacher_tokenizer = None
+        else:
+            xtoken.check_offsets(teacher_tokenizer, "teacher")
+    if teacher_tokenizer is None:
+        with config.main_process_first(desc="tokenizing"):
+            train_data, eval_data = build_datasets(data_args, tokenizer, seed=config.seed)
+        identity = run_identity(config, data_args, tokenizer, train_data, eval_data)
+    else:
+        cut = teacher_length(config, data_args)
+        with config.main_process_first(desc="tokenizing"):
+            train_rows, eval_rows = split_rows(data_args, config.seed)
+            train_data = teacher_side(train_rows, teacher_tokenizer, cut, f"dataset {data_args.dataset}")
+            eval_data = None
+            if eval_rows is not None:
+                name = f"eval data {data_args.eval_dataset or data_args.dataset}"
+                eval_data = teacher_side(eval_rows, teacher_tokenizer, cut, name)
+        identity = run_identity(config, data_args, None, None, None, teacher_tokenizer, cut)
     splits = {name: d for name, d in (("train", train_data), ("eval", eval_data)) if d is not None}
-    identity = run_identity(config, data_args, tokenizer, train_data, eval_data)
     teacher_fingerprint = {
         "files": local_model_digest(config.teacher_model_name_or_path),  # None for a hub id
         "dtype": None if server else config.resolved_teacher_dtype,  # a server's is not known here
@@ -286,9 +325,20 @@ def build(
             )
     elif path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UserError(f"teacher_cache {path} exists and is not a teacher cache: choose a new or empty directory")
+    path.mkdir(parents=True, exist_ok=True)
 
-    student = load_model(model_args.model_name_or_path, model_args.dtype, model_args.attn_implementation)
-    if server is None:
+    if teacher_tokenizer is not None:  # the targets are the teacher's alone: no student runs
+        teacher = load_model(
+            config.teacher_model_name_or_path, config.resolved_teacher_dtype, model_args.attn_implementation
+        )
+        vocab_sizes_fit(teacher_tokenizer, teacher)
+        # The tokenizer's ids, as a live teacher's top-k: a padded head's extra rows are no token.
+        teacher_vocab, vocab = teacher.get_output_embeddings().weight.shape[0], len(teacher_tokenizer)
+        teacher.to(config.device).eval()
+        if not _tokenizer_saved(path, identity["tokenizer"]):
+            teacher_tokenizer.save_pretrained(path / TEACHER_TOKENIZER)
+    elif server is None:
+        student = load_model(model_args.model_name_or_path, model_args.dtype, model_args.attn_implementation)
         teacher = load_model(
             config.teacher_model_name_or_path, config.resolved_teacher_dtype, model_args.attn_implementation
         )
@@ -296,10 +346,11 @@ def build(
         teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
         vocab = min(student.get_output_embeddings().weight.shape[0], teacher_vocab)
         teacher.to(config.device).eval()
+        student.to(config.device).eval()
     else:
+        student = load_model(model_args.model_name_or_path, model_args.dtype, model_args.attn_implementation)
         vocab_sizes_fit(tokenizer, student)
         teacher, teacher_vocab, vocab = (server, teacher_size), server.teacher_vocab, server.vocab
-    student.to(config.device).eval()
 
     manifest = {
         "format": FORMAT,
@@ -314,15 +365,15 @@ def build(
         "splits": {name: {"examples": len(d)} for name, d in splits.items()},
         "complete": False,
     }
-    path.mkdir(parents=True, exist_ok=True)
     write_json(manifest_path, manifest)
-    collator = Collator(tokenizer.pad_token_id)
+    collator = Collator((teacher_tokenizer or tokenizer).pad_token_id)
     batch_size = config.per_device_eval_batch_size
     with tqdm(total=sum(len(d) for d in splits.values()), desc="cache-teacher", unit="example") as progress:
         for name, data in splits.items():
             write_split(
                 path / name, data, teacher, collator, k=config.teacher_top_k, temperature=config.temperature,
                 vocab=vocab, batch_size=batch_size, per_shard=examples_per_shard, progress=progress,
+                every_position=teacher_tokenizer is not None,
             )  # fmt: skip
 
     rows = size = 0
@@ -335,14 +386,46 @@ def build(
     manifest["teacher_cost"] = {name: {**_split_cost(path / name), "measured": server is None} for name in splits}
     cache = TeacherCache.__new__(TeacherCache)  # the reader, on the manifest not yet marked complete
     cache.path, cache.manifest = path, manifest
-    # The top-k loss against the full teacher's needs the full teacher: not with a server.
-    manifest["report"] = None if server else loss_error(
+    # The top-k loss against the full teacher's needs the full teacher: not with a server. In the
+    # teacher's token space the live teacher's loss is itself top-k, of the same k: nothing to compare.
+    manifest["report"] = None if server or teacher_tokenizer is not None else loss_error(
         student, teacher, train_data, cache.split("train"), TargetsCollator(collator, config.teacher_top_k),
         config, vocab, batch_size,
     )  # fmt: skip
     manifest["complete"] = True
     write_json(manifest_path, manifest)
     return manifest, str(path)
+
+
+def teacher_side(rows, teacher_tokenizer, teacher_max_length: int, name: str):
+    """The teacher's side of each row, as `distill.data.tokenize_pair` makes it for a live teacher
+    (``xtoken.encode``, one document per row, cut at ``teacher_max_length``), as ``input_ids``
+    (``labels``, which the collator pads, are the same ids: every position is a row). Every row is
+    kept: which rows have targets left after the cut depends on the student."""
+    from distill import xtoken
+    from distill.data import check_has_targets, detect_format
+
+    fmt = detect_format(rows, name)
+    if fmt == "prompt":
+        raise UserError(
+            f"{name} has prompts only: a teacher cache holds the teacher's targets on completions; give a "
+            "`completion` column (or `messages`), or train on-policy with the live teacher"
+        )
+    check_has_targets(rows, fmt, name)
+
+    def side(row):
+        ids = xtoken.encode(teacher_tokenizer, row, "teacher").ids[:teacher_max_length]
+        return {"input_ids": ids, "labels": ids}
+
+    return rows.map(side, remove_columns=rows.column_names, desc=f"Tokenizing {name} for the teacher")
+
+
+def _tokenizer_saved(path: Path, digest: str) -> bool:
+    """Whether ``path`` holds a teacher tokenizer that loads and has the vocabulary hash ``digest``."""
+    try:
+        return tokenizer_hash(read_tokenizer(path / TEACHER_TOKENIZER)) == digest
+    except Exception:  # absent or damaged: written again
+        return False
 
 
 def summary(manifest: dict, path: str, recipe: str | None = None, overrides: list[str] = ()) -> str:
@@ -352,13 +435,20 @@ def summary(manifest: dict, path: str, recipe: str | None = None, overrides: lis
         f"  k {identity['k']}, temperature {identity['temperature']}, vocabulary {manifest['vocab_size']}, "
         f"teacher {manifest['teacher']}"
     )
+    teacher_space = identity.get("space") == "teacher"
+    rows = "teacher positions" if teacher_space else "target tokens"
     for name, split in manifest["splits"].items():
         lines.append(
-            f"  {name:5s} {split['examples']} examples, {split['rows']} target tokens, {split['bytes'] / 1e6:.1f} MB, "
+            f"  {name:5s} {split['examples']} examples, {split['rows']} {rows}, {split['bytes'] / 1e6:.1f} MB, "
             f"mean teacher mass outside the top k {split['mean_tail_mass']:.2%}"
         )
-    lines.append(f"  {manifest['bytes_per_token']:.0f} bytes per target token")
-    if report is None:
+    lines.append(f"  {manifest['bytes_per_token']:.0f} bytes per {rows[:-1]}")
+    if teacher_space:
+        lines.append(
+            f"  in the teacher's token space (its tokenizer is in {path}/{TEACHER_TOKENIZER}): a student with any "
+            "tokenizer trains on it, aligned by byte offsets as with the live teacher"
+        )
+    elif report is None:
         lines.append(
             f"  from the teacher server {manifest['teacher_server']}: its FLOPs computed from the teacher's config; "
             "no comparison with the full-vocabulary loss (that needs the teacher here)"

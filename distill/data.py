@@ -11,6 +11,7 @@ Labels are -100 wherever a token is not a target, which is the one mask every lo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import datasets
@@ -21,6 +22,7 @@ from distill.chat import assistant_spans
 from distill.config import DataArguments
 from distill.errors import UserError
 from distill.losses import IGNORE_INDEX
+from distill.models import resolve
 
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
@@ -226,6 +228,18 @@ def build_datasets(
     """(train, eval or None), tokenized. The held-out split is cut from raw rows, before packing,
     so no text is shared between the two. ``prompts_only``: the training data may be prompts alone
     (see `tokenize`). ``teacher_tokenizer``: a teacher with another tokenizer (see `tokenize`)."""
+    train_rows, eval_rows = split_rows(args, seed)
+    pair = {"teacher_tokenizer": teacher_tokenizer, "teacher_max_length": teacher_max_length}
+    train = tokenize(train_rows, tokenizer, args.max_length, f"dataset {args.dataset}", prompts_only, **pair)
+    evaluation = None
+    if eval_rows is not None:
+        name = f"eval data {args.eval_dataset or args.dataset}"
+        evaluation = tokenize(eval_rows, tokenizer, args.max_length, name, **pair)
+    return train, evaluation
+
+
+def split_rows(args: DataArguments, seed: int = 0):
+    """(train, eval or None) raw rows, as `build_datasets` tokenizes them."""
     train_rows = load_rows(args.dataset, args.dataset_config, args.dataset_split)
     if args.max_train_samples is not None:
         train_rows = train_rows.select(range(min(args.max_train_samples, len(train_rows))))
@@ -237,13 +251,18 @@ def build_datasets(
         train_rows, eval_rows = split["train"], split["test"]
     if eval_rows is not None and args.max_eval_samples is not None:
         eval_rows = eval_rows.select(range(min(args.max_eval_samples, len(eval_rows))))
-    pair = {"teacher_tokenizer": teacher_tokenizer, "teacher_max_length": teacher_max_length}
-    train = tokenize(train_rows, tokenizer, args.max_length, f"dataset {args.dataset}", prompts_only, **pair)
-    evaluation = None
-    if eval_rows is not None:
-        name = f"eval data {args.eval_dataset or args.dataset}"
-        evaluation = tokenize(eval_rows, tokenizer, args.max_length, name, **pair)
-    return train, evaluation
+    return train_rows, eval_rows
+
+
+def teacher_length(config, data_args, teacher: str | None = None) -> int:
+    """Where the teacher's side of a row is cut: its tokenizer may need more tokens for the same text
+    (twice the student's max_length), within its positions. Cut positions are counted as unaligned.
+    ``teacher``: which (one of several); default the recipe's teacher."""
+    limit = None
+    where, gguf_file = resolve(teacher or config.teacher_model_name_or_path)
+    if not gguf_file and Path(where).is_dir():
+        limit = json.loads((Path(where) / "config.json").read_text()).get("max_position_embeddings")
+    return min(2 * data_args.max_length, limit) if isinstance(limit, int) else 2 * data_args.max_length
 
 
 def tokenize_pair(

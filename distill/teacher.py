@@ -315,22 +315,27 @@ def topk_rows(hidden: torch.Tensor, weight: torch.Tensor, k: int, temperature: f
 
 
 class CachedTeacher:
-    """Top-k targets that `distill cache-teacher` wrote; the batch carries them."""
+    """Top-k targets that `distill cache-teacher` wrote; the batch carries them. With ``vocab_map``
+    (a cache in the teacher's token space, for a student with another tokenizer) they are the
+    teacher's top-k at its own positions, and the targets are `CrossTopK`, as a live teacher's."""
 
     source = "cache"
     role = "teacher"
     chunkable = True
 
-    def __init__(self, cache: TeacherCache):
-        self.cache = cache
+    def __init__(self, cache: TeacherCache, vocab_map: VocabMap | None = None, method: str = "projected"):
+        self.cache, self.vocab_map, self.method = cache, vocab_map, method
 
     def attach(self, trainer) -> None:
         # At alpha 0 training reads no targets (only evaluation does): the build is not this run's bill.
         if trainer.cost and trainer.args.alpha > 0:
             trainer.cost.teacher_cache_read(self.cache.manifest["teacher_cost"]["train"], self.role)
 
-    def targets(self, inputs: dict, chunked: bool, cost=None) -> TopK:
+    def targets(self, inputs: dict, chunked: bool, cost=None) -> TopK | CrossTopK:
         targets = TopKTargets(inputs["teacher_logprobs"], inputs["teacher_ids"], inputs["teacher_tail"])
+        if self.vocab_map is not None:
+            targets = targets._replace(ids=targets.ids.long())  # stored as int32; as a live teacher's
+            return CrossTopK(targets, inputs["alignment"], self.vocab_map, self.method)
         return TopK(targets, self.cache.vocab_size)
 
 

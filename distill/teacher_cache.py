@@ -26,12 +26,25 @@ leaves only whole shards plus at most one ``.tmp`` directory, which is never rea
 the next run: building again resumes. Shards hold whole examples in fixed batches, so a resumed
 build writes the same bytes as an uninterrupted one.
 
-A cache serves one run: its manifest records the tokenizer (a hash of its vocabulary), the data (a
+A teacher with another tokenizer than the recipe's student (`distill.xtoken`) gives a cache in the
+*teacher's token space*, which serves a student with any tokenizer: each row (one document, not
+packed) is tokenised the teacher's way and cut where a live teacher's side is cut
+(`distill.data.teacher_length`), and every teacher position is a row, since which of them a student
+aligns with depends on the student's tokenizer. Its shards also hold ``input_ids.npy`` (rows,) int32,
+the teacher's token at each row, and the teacher's tokenizer is saved in ``PATH/teacher_tokenizer/``,
+so training needs neither the teacher model nor its path. Training tokenises each row with both its
+student's tokenizer and the cached one (`distill.data.tokenize_pair`, as with a live teacher), finds
+the cached row with the same teacher tokens (the targets are a function of those alone), and compares
+at aligned positions through the run's vocabulary map (`distill.teacher.CrossTopK`).
+
+A same-space cache serves one run: its manifest records the tokenizer (a hash of its vocabulary), the data (a
 hash of every example's token ids and labels), ``max_length``, k, the temperature, the teacher and
 the vocabulary size. Training refuses a cache that differs in any of them, before loading a model.
 The teacher is identified by what it is, not by where it is: a hash of its config and weight files
 (:func:`distill.models.local_model_digest`) and the dtype it ran in. A teacher that is not on the
 training machine cannot be checked, and is trusted with a note.
+A teacher-space cache records the teacher's tokenizer instead of the student's and no data hash:
+each row a run trains on must be a cached row, matched on its teacher tokens (`TeacherCache.attach`).
 The temperature is part of it because top-k log-probabilities at one temperature cannot be
 re-tempered: the tail's mass at another T depends on the logits that were dropped.
 """
@@ -52,9 +65,12 @@ from distill.models import local_model_digest
 
 FORMAT = 2  # 2: the teacher is identified by its files and dtype (teacher_fingerprint), + teacher_cost
 MANIFEST = "manifest.json"
+TEACHER_TOKENIZER = "teacher_tokenizer"  # the folder of a teacher-space cache's tokenizer
 ARRAYS = {"logprobs": np.float32, "ids": np.int32, "tail": np.float32}
 _IDENTITY_NAMES = {
+    "space": "the token space of the targets (teacher: built for a student with another tokenizer)",
     "tokenizer": "tokenizer",
+    "teacher_max_length": "the teacher's cut of a row (2 x max_length within its positions)",
     "datasets": "data (the hash of its token ids and labels)",
     "max_length": "max_length",
     "k": "teacher_top_k",
@@ -79,8 +95,32 @@ def tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
 
 
-def run_identity(config, data_args, tokenizer, train_data, eval_data) -> dict:
-    """What a cache must have been built for to serve this run."""
+def read_tokenizer(folder: Path):
+    """A tokenizer saved by `save_pretrained` alone (no model config beside it)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if tokenizer.pad_token is None:  # padding is masked out: any id will do, as distill.models.load_tokenizer
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def run_identity(
+    config, data_args, tokenizer, train_data, eval_data, teacher_tokenizer=None, teacher_max_length=None
+) -> dict:
+    """What a cache must have been built for to serve this run. With ``teacher_tokenizer`` (a cache in
+    the teacher's token space): that tokenizer and ``teacher_max_length`` in place of the student's
+    tokenizer and the data hash, which a teacher-space cache does not pin (its rows are matched one by
+    one on the teacher's tokens, `TeacherCache.attach`)."""
+    if teacher_tokenizer is not None:
+        return {
+            "space": "teacher",
+            "tokenizer": tokenizer_hash(teacher_tokenizer),
+            "teacher_max_length": teacher_max_length,
+            "max_length": data_args.max_length,
+            "k": config.teacher_top_k,
+            "temperature": config.temperature,
+        }
     return {
         "tokenizer": tokenizer_hash(tokenizer),
         "datasets": {"train": data_fingerprint(train_data), "eval": data_fingerprint(eval_data)},
@@ -92,9 +132,9 @@ def run_identity(config, data_args, tokenizer, train_data, eval_data) -> dict:
 
 def mismatch(cached: dict, wanted: dict) -> list[str]:
     return [
-        f"{_IDENTITY_NAMES[key]} (cache: {_short(cached.get(key))}, this run: {_short(wanted[key])})"
+        f"{_IDENTITY_NAMES[key]} (cache: {_short(cached.get(key))}, this run: {_short(wanted.get(key))})"
         for key in _IDENTITY_NAMES
-        if cached.get(key) != wanted[key]
+        if cached.get(key) != wanted.get(key)
     ]
 
 
@@ -156,6 +196,33 @@ class TeacherCache:
             )
         self.vocab_size = self.manifest["vocab_size"]
         self.k = self.manifest["identity"]["k"]
+        # Targets over the teacher tokenizer's ids at the teacher's positions (see the module note).
+        self.teacher_space = self.manifest["identity"].get("space") == "teacher"
+        self.teacher_max_length = self.manifest["identity"].get("teacher_max_length")
+
+    def teacher_tokenizer(self):
+        """The teacher's tokenizer saved in a teacher-space cache, checked against the manifest."""
+        where = self.path / TEACHER_TOKENIZER
+        if not where.is_dir():
+            raise UserError(
+                f"teacher_cache {self.path} is in the teacher's token space but holds no {TEACHER_TOKENIZER}/ folder "
+                "(the teacher's tokenizer): copy the whole cache folder, or build it again with `distill cache-teacher`"
+            )
+        try:
+            tokenizer = read_tokenizer(where)
+        except Exception as err:  # a damaged file surfaces as many exception types
+            raise UserError(
+                f"teacher_cache {self.path}: the teacher's tokenizer in {where} does not load ({type(err).__name__}: "
+                f"{err}); copy it again from the cache's source, or build the cache again"
+            ) from err
+        if tokenizer_hash(tokenizer) != self.manifest["identity"]["tokenizer"]:
+            raise UserError(
+                f"teacher_cache {self.path}: the tokenizer in {where} is not the one the cache was built with "
+                f"(vocabulary hash {tokenizer_hash(tokenizer)[:12]}, the manifest's "
+                f"{self.manifest['identity']['tokenizer'][:12]}); copy it again from the cache's source, or build "
+                "the cache again"
+            )
+        return tokenizer
 
     def check(self, identity: dict) -> None:
         """UserError unless the cache was built for a run with this identity."""
@@ -198,9 +265,31 @@ class TeacherCache:
             self.path / name, self.manifest["splits"][name]["examples"], self.manifest["examples_per_shard"]
         )
 
-    def attach(self, name: str, data, key: str = "teacher_targets"):
-        """``data`` (a tokenized dataset of this run) whose rows carry their cached targets as ``key``."""
-        return None if data is None else WithTeacherTargets(data, self.split(name), key)
+    def attach(self, name: str, data, key: str = "teacher_targets", column: str = "teacher_input_ids", rows=None):
+        """``data`` (a tokenized dataset of this run) whose rows carry their cached targets as ``key``. In
+        the teacher's token space each row's are the cached row's with the same teacher tokens (read from
+        ``column`` of ``rows``, by default ``data``: one of several teachers' names its own, and ``data``
+        may already be wrapped for another); UserError if some row has none (the cache was built for other
+        data)."""
+        if data is None:
+            return None
+        if not self.teacher_space:
+            return WithTeacherTargets(data, self.split(name), key)
+        if name not in self.manifest["splits"]:
+            raise UserError(
+                f"teacher_cache {self.path} holds no {name} split: build it with a recipe that has {name} data, "
+                f"or train without {name} data"
+            )
+        split = self.split(name)
+        index = split.rows_of(data if rows is None else rows, column)
+        missing = index.count(-1)
+        if missing:
+            raise UserError(
+                f"teacher_cache {self.path}: {missing} of {len(index)} {name} rows are not in the cache (no cached row "
+                "has their teacher tokens): it was built for other data. Rebuild it with `distill cache-teacher` on "
+                "this recipe, or restore the data it was built with"
+            )
+        return WithTeacherTargets(data, split, key, index)
 
 
 class CacheSplit:
@@ -218,51 +307,83 @@ class CacheSplit:
     def _shard(self, index: int) -> dict:
         if index not in self._shards:
             where = self.path / f"shard-{index:05d}"
-            self._shards[index] = {name: np.load(where / f"{name}.npy", mmap_mode="r") for name in (*ARRAYS, "offsets")}
+            names = (*ARRAYS, "offsets") + (("input_ids",) if (where / "input_ids.npy").is_file() else ())
+            self._shards[index] = {name: np.load(where / f"{name}.npy", mmap_mode="r") for name in names}
         return self._shards[index]
 
-    def example(self, i: int) -> TopKTargets:
-        """Targets of example ``i``'s target positions, in order, as numpy arrays."""
+    def _rows(self, i: int) -> tuple[dict, int, int]:
         if not 0 <= i < self.examples:
             raise IndexError(i)
         shard = self._shard(i // self.per_shard)
         lo, hi = shard["offsets"][i % self.per_shard : i % self.per_shard + 2]
+        return shard, lo, hi
+
+    def tokens(self, i: int) -> np.ndarray:
+        """The teacher's tokens of example ``i`` (a teacher-space cache: one row per token)."""
+        shard, lo, hi = self._rows(i)
+        return shard["input_ids"][lo:hi]
+
+    def rows_of(self, data, column: str = "teacher_input_ids") -> list[int]:
+        """For each row of ``data`` (made by `distill.data.tokenize_pair`), the example whose teacher
+        tokens are its ``teacher_input_ids``, or -1. A teacher's targets depend on its tokens only, so
+        rows with the same tokens share them."""
+        where: dict[bytes, int] = {}
+        for e in range(self.examples):
+            where.setdefault(_tokens_key(self.tokens(e)), e)
+        return [
+            where.get(_tokens_key(ids), -1)
+            for batch in data.select_columns([column]).iter(batch_size=1024)
+            for ids in batch[column]
+        ]
+
+    def example(self, i: int) -> TopKTargets:
+        """Targets of example ``i``'s target positions, in order, as numpy arrays."""
+        shard, lo, hi = self._rows(i)
         return TopKTargets(*(shard[name][lo:hi] for name in ARRAYS))
+
+
+def _tokens_key(ids) -> bytes:
+    return hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=16).digest()
 
 
 class WithTeacherTargets(torch.utils.data.Dataset):
     """A tokenized dataset whose rows also carry ``teacher_targets`` (or ``key``: one of several
-    teachers') from a :class:`CacheSplit`."""
+    teachers') from a :class:`CacheSplit`: row i's are example i's, or with ``index`` example
+    ``index[i]``'s."""
 
-    def __init__(self, data, split: CacheSplit, key: str = "teacher_targets"):
-        if len(data) != split.examples:
+    def __init__(self, data, split: CacheSplit, key: str = "teacher_targets", index: list[int] | None = None):
+        if index is None and len(data) != split.examples:
             raise ValueError(f"the cache holds {split.examples} examples but the data has {len(data)}")
-        self.data, self.split, self.key = data, split, key
+        self.data, self.split, self.key, self.index = data, split, key, index
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, i: int) -> dict:
-        return {**self.data[i], self.key: self.split.example(i)}
+        return {**self.data[i], self.key: self.split.example(i if self.index is None else self.index[i])}
 
 
 class TargetsCollator:
     """Wraps a collator: adds ``teacher_logprobs`` / ``teacher_ids`` (batch, seq, k) and
     ``teacher_tail`` (batch, seq), aligned with the logits (position p holds the targets for label
-    p + 1). Positions without a target hold zeros, which the losses never read."""
+    p + 1). Positions without a target hold zeros, which the losses never read. ``teacher_space``:
+    aligned with the teacher's side of the batch instead (``teacher_input_ids``: every position)."""
 
-    def __init__(self, collator, k: int):
-        self.collator, self.k = collator, k
+    def __init__(self, collator, k: int, teacher_space: bool = False):
+        self.collator, self.k, self.teacher_space = collator, k, teacher_space
 
     def __call__(self, rows: list[dict]) -> dict:
         batch = self.collator(rows)
         labels = batch["labels"]
-        b, width = labels.shape
+        b, width = (batch["teacher_input_ids"] if self.teacher_space else labels).shape
         logprobs = torch.zeros(b, width, self.k)
         ids = torch.zeros(b, width, self.k, dtype=torch.int32)
         tail = torch.zeros(b, width)
         for j, row in enumerate(rows):
-            positions = labels[j, 1:].ne(IGNORE_INDEX).nonzero().squeeze(1)
+            if self.teacher_space:
+                positions = torch.arange(len(row["teacher_input_ids"]))
+            else:
+                positions = labels[j, 1:].ne(IGNORE_INDEX).nonzero().squeeze(1)
             cached = row["teacher_targets"]
             if len(positions) != len(cached.tail):
                 raise ValueError(

@@ -25,6 +25,7 @@ from distill.data import (
     detect_format,
     keyed,
     load_rows,
+    teacher_length,
     unaligned_share,
 )
 from distill.errors import UserError
@@ -156,9 +157,13 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
             teacher_tokenizer = None
         else:
             check_cross_tokenizer(config, tokenizer, teacher_tokenizer)
+    elif cache.teacher_space:  # its teacher's tokenizer and cut are the cache's: no teacher needed here
+        teacher_tokenizer = cache.teacher_tokenizer()
+        check_cross_tokenizer(config, tokenizer, teacher_tokenizer)
     pair = {}
     if teacher_tokenizer is not None:
-        pair = {"teacher_tokenizer": teacher_tokenizer, "teacher_max_length": teacher_length(config, data_args)}
+        cut = cache.teacher_max_length if cache is not None else teacher_length(config, data_args)
+        pair = {"teacher_tokenizer": teacher_tokenizer, "teacher_max_length": cut}
     if server is not None:
         teacher_size = check_run(server, config, data_args, model_args, tokenizer, **pair)
     with config.main_process_first(desc="tokenizing"):
@@ -172,7 +177,10 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         cross = coverage(train_data, eval_data)
         if config.process_index == 0:
             print(coverage_line(cross, tokenizer, teacher_tokenizer), flush=True)
-    if cache is not None:
+    if cache is not None and cache.teacher_space:  # the student's tokenizer is not pinned; each row is found
+        cache.check(run_identity(config, data_args, None, None, None, teacher_tokenizer, cache.teacher_max_length))
+        train_data, eval_data = cache.attach("train", train_data), cache.attach("eval", eval_data)
+    elif cache is not None:
         cache.check(run_identity(config, data_args, tokenizer, train_data, eval_data))
     if config.lmbda > 0:
         prompts_of(Collator(tokenizer.pad_token_id)([train_data[0]]))  # on-policy needs prompts: not text data
@@ -203,6 +211,11 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
             vocab_sizes_fit(teacher_tokenizer, teacher)
             teacher = ModelTeacher(teacher, vocab_map, config.xtoken_loss, config.teacher_top_k)
             collator = Collator(tokenizer.pad_token_id, teacher_pad_token_id=teacher_tokenizer.pad_token_id)
+    elif cache.teacher_space:
+        vocab_sizes_fit(tokenizer, student)
+        teacher = CachedTeacher(cache, vocab_map, config.xtoken_loss)
+        collator = Collator(tokenizer.pad_token_id, teacher_pad_token_id=teacher_tokenizer.pad_token_id)
+        collator = TargetsCollator(collator, cache.k, teacher_space=True)
     else:
         teacher = None
         vocab_sizes_fit(tokenizer, student)
@@ -245,17 +258,6 @@ def check_cross_tokenizer(config, tokenizer, teacher_tokenizer) -> None:
             "the student's samples would have to be re-tokenised for the teacher at every step. Set lmbda: 0, or "
             "use a teacher of the student's family"
         )
-
-
-def teacher_length(config, data_args, teacher: str | None = None) -> int:
-    """Where the teacher's side of a row is cut: its tokenizer may need more tokens for the same text
-    (twice the student's max_length), within its positions. Cut positions are counted as unaligned.
-    ``teacher``: which (one of several); default the recipe's teacher."""
-    limit = None
-    where, gguf_file = resolve(teacher or config.teacher_model_name_or_path)
-    if not gguf_file and Path(where).is_dir():
-        limit = json.loads((Path(where) / "config.json").read_text()).get("max_position_embeddings")
-    return min(2 * data_args.max_length, limit) if isinstance(limit, int) else 2 * data_args.max_length
 
 
 VOCAB_MAP = "vocab_map.safetensors"
@@ -316,12 +318,22 @@ def run_several(recipe: dict, config, data_args, model_args, resume: str | None,
     for i, entry in enumerate(config.teachers):
         if i in servers:
             teacher_tokenizer = served_tokenizer(servers[i][1])
-        elif i not in caches:
+        elif i in caches:
+            if caches[i].teacher_space:  # its targets are on its teacher's tokens, whatever the student's
+                other[i] = caches[i].teacher_tokenizer()
+                check_cross_tokenizer(config, tokenizer, other[i])
+            continue
+        else:
             teacher_tokenizer = load_tokenizer(entry)
-        if i not in caches and teacher_tokenizer is not None:
+        if teacher_tokenizer is not None:
             if not same_tokenizer(tokenizer, teacher_tokenizer):
                 check_cross_tokenizer(config, tokenizer, teacher_tokenizer)
                 other[i] = teacher_tokenizer
+
+    def cut(i: int) -> int:  # where teacher i's side of a row is cut (a teacher-space cache: where it was)
+        if i in caches:
+            return caches[i].teacher_max_length
+        return teacher_length(config, data_args, servers[i][1] if i in servers else config.teachers[i])
 
     # Each teacher with another tokenizer adds its side of every row (the student's side is the same in each).
     build = {"seed": config.seed, "prompts_only": config.lmbda == 1}
@@ -330,12 +342,7 @@ def run_several(recipe: dict, config, data_args, model_args, resume: str | None,
         if not other:
             train_data, eval_data = build_datasets(data_args, tokenizer, **build)
         for i, teacher_tokenizer in other.items():
-            pair = {
-                "teacher_tokenizer": teacher_tokenizer,
-                "teacher_max_length": teacher_length(
-                    config, data_args, servers[i][1] if i in servers else config.teachers[i]
-                ),
-            }
+            pair = {"teacher_tokenizer": teacher_tokenizer, "teacher_max_length": cut(i)}
             pair_train, pair_eval = build_datasets(data_args, tokenizer, **build, **pair)
             cross[i] = coverage(pair_train, pair_eval)
             pair_train, pair_eval = (
@@ -359,12 +366,18 @@ def run_several(recipe: dict, config, data_args, model_args, resume: str | None,
     for i, (server, name) in servers.items():
         pair = {}
         if i in other:
-            teacher_max_length = teacher_length(config, data_args, name)
-            pair = {"teacher_tokenizer": other[i], "teacher_max_length": teacher_max_length}
+            pair = {"teacher_tokenizer": other[i], "teacher_max_length": cut(i)}
         sizes[i] = check_run(server, as_teacher(config, teacher_model_name_or_path=name), data_args, model_args,
                              tokenizer, **pair)  # fmt: skip
-    for cache in caches.values():
-        cache.check(run_identity(config, data_args, tokenizer, train_data, eval_data))
+    rows = {"train": train_data, "eval": eval_data}  # before any cache wraps them
+    for i, cache in caches.items():
+        if cache.teacher_space:
+            cache.check(run_identity(config, data_args, None, None, None, other[i], cache.teacher_max_length))
+        else:
+            cache.check(run_identity(config, data_args, tokenizer, rows["train"], rows["eval"]))
+        column, key = keyed("teacher_input_ids", i), keyed("teacher_targets", i)
+        train_data = cache.attach("train", train_data, key, column, rows["train"])
+        eval_data = cache.attach("eval", eval_data, key, column, rows["eval"])
     if config.lmbda > 0:
         prompts_of(Collator(tokenizer.pad_token_id)([train_data[0]]))
 
@@ -390,11 +403,14 @@ def run_several(recipe: dict, config, data_args, model_args, resume: str | None,
             continue
         if i in caches:
             vocab_sizes_fit(tokenizer, student)
-            caches[i].check_student(student)
-            train_data = caches[i].attach("train", train_data, keyed("teacher_targets", i))
-            eval_data = caches[i].attach("eval", eval_data, keyed("teacher_targets", i))
-            sources.append(CachedTeacher(caches[i]))
-            per_teacher.append(TargetsCollator(Collator(pad), caches[i].k))
+            if caches[i].teacher_space:
+                sources.append(CachedTeacher(caches[i], vocab_maps[i], config.xtoken_loss))
+                collate = Collator(pad, teacher_pad_token_id=other[i].pad_token_id)
+                per_teacher.append(TargetsCollator(collate, caches[i].k, teacher_space=True))
+            else:
+                caches[i].check_student(student)
+                sources.append(CachedTeacher(caches[i]))
+                per_teacher.append(TargetsCollator(Collator(pad), caches[i].k))
             continue
         model = load_model(entry, config.resolved_teacher_dtype, model_args.attn_implementation)
         if i in other:

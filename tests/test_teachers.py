@@ -187,3 +187,18 @@ def test_a_resumed_run_of_several_teachers_bills_each_as_the_uninterrupted_one(t
     assert resumed["tokens"] == straight["tokens"]
     assert [t["flops"] for t in resumed["teachers"]] == [t["flops"] for t in straight["teachers"]]
     assert all(t["flops"] > 0 for t in straight["teachers"])
+
+
+def test_a_cache_across_tokenizers_among_several_at_weight_one_trains_as_it_does_alone(tmp_path):
+    """A cache in the teacher's token space (its teacher's tokenizer is not the student's) listed first at
+    weight 1: the losses and student of training from that cache alone, and its bill line is that run's."""
+    cache = tmp_path / "cache"
+    built = recipe(tmp_path, "c", teacher_model_name_or_path=TEACHER_XTOK)
+    assert main(["cache-teacher", built, "--teacher_cache", str(cache), "--teacher_top_k", "8"]) == 0
+    train.run(recipe(tmp_path, "one", teacher_cache=str(cache), teacher_top_k=8))
+    train.run(recipe(tmp_path, "two", teachers=[str(cache), TEACHER], teacher_weights=[1.0, 0.0], teacher_top_k=8))
+    assert losses(tmp_path / "two") == losses(tmp_path / "one")
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    one, two = (json.loads((tmp_path / d / "cost_report.json").read_text()) for d in ("one", "two"))
+    assert two["teachers"][0]["source"] == "cache" and two["teachers"][0]["flops"] == one["flops"]["teacher"] > 0
