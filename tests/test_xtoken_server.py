@@ -98,7 +98,7 @@ class Bill:
     def __init__(self):
         self.served = []
 
-    def teacher_served(self, flops, positions, seconds, waited):
+    def teacher_served(self, flops, positions, seconds, waited, role="teacher"):
         self.served.append((flops, positions))
 
 
