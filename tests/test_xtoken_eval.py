@@ -205,3 +205,29 @@ def test_across_tokenizers_training_pays_for_itself_in_bytes_of_text(tmp_path):
     section = evaluate.training_section(str(tmp_path), [{"step": 1, "loss": 2.0}], teacher, student, cross=True)
     assert section["cost"]["breakeven_bytes"] == pytest.approx(1e12 / 3e5)
     assert "breakeven_tokens" not in section["cost"]  # per token the student even looks dearer here
+
+
+def test_the_agreement_is_the_runs_eval_agreement_on_the_runs_held_out_rows(tmp_path):
+    """A short `distill train` across tokenizers, then `distill eval` of its student on the same
+    held-out rows at the same max_length: the two agreements are one number, to the last digit, and
+    the two unaligned counts too."""
+    from distill import train
+
+    held_out, rows, length = str(DATA / "corpus_eval.jsonl"), 24, 64
+    values = {
+        "model_name_or_path": STUDENT, "teacher_model_name_or_path": TEACHER_XTOK,
+        "dataset": str(DATA / "corpus_train.jsonl"), "eval_dataset": held_out, "max_train_samples": 64,
+        "max_eval_samples": rows, "max_length": length, "per_device_train_batch_size": 8, "max_steps": 6,
+        "learning_rate": 3e-3, "alpha": 0.5, "use_cpu": True, "output_dir": str(tmp_path / "run"),
+        "report_to": "none", "disable_tqdm": True, "save_strategy": "no",
+    }  # fmt: skip
+    path = tmp_path / "r.yaml"
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()))
+    metrics = train.run(str(path))
+    out = tmp_path / "eval"
+    args = ["eval", "--teacher", TEACHER_XTOK, "--student", str(tmp_path / "run"), "--data", held_out,
+            "--max_samples", str(rows), "--max_length", str(length), "--num_prompts", "0", "--output_dir", str(out)]  # fmt: skip
+    assert main(args) == 0
+    r = json.loads((out / "eval_report.json").read_text())
+    assert r["student"]["top1_agreement"] == metrics["eval"]["eval_agreement"] > 0.05
+    assert r["tokenizers"]["unaligned_targets"] == metrics["cross_tokenizer"]["eval"]["unaligned_targets"]
