@@ -193,6 +193,20 @@ def unaligned_targets(alignment: list[int] | torch.Tensor, labels: list[int] | t
     return int((target & alignment[..., :-1].lt(0)).sum())
 
 
+def new_bytes(pieces: list[Piece]) -> list[int]:
+    """For each token, the bytes of visible text it reaches that no token before it did:
+    ``max(0, hi_i - max(lo_i, c))`` with ``c`` the furthest coordinate tokens 0..i-1 reached. Zero for
+    bos, eos, end-of-turn markers and template text; a UTF-8 character split over several byte-level
+    tokens counts once, on the first. Summed over a side's tokens: the bytes of its visible text (a
+    token running over a span's edge into the next also counts the one-coordinate gap between them).
+    What bits per byte divides by (`distill.evaluate`), the same for every tokenizer."""
+    out, reached = [], 0
+    for p in pieces:
+        out.append(max(0, p.hi - max(p.lo, reached)))
+        reached = max(reached, p.hi)
+    return out
+
+
 def _affixes(tokenizer) -> tuple[list[int], list[int]]:
     """The ids ``tokenizer(text)`` puts before and after the text's own (bos, eos, ...)."""
     probe = "a"
@@ -516,3 +530,16 @@ def build_vocab_map(
                 ]
             ids[s, : len(row)] = torch.tensor(row)
     return VocabMap(ids, weights, exact, v_t, s_hash, t_hash, special_pairs)
+
+
+def mapped_agreement(student_top1, teacher_top1, labels, alignment, vocab_map: VocabMap):
+    """(matches, aligned target positions) across tokenizers: at each student target position with an
+    aligned teacher position, the student's top-1 sent through the vocabulary map (the teacher token its
+    mass goes to, ``ids[:, 0]``) is the teacher's top-1 there. ``*_top1``: (batch, seq) argmax ids on
+    each side's own positions; ``alignment``: (batch, student seq), -1 where none. Training's
+    held-out agreement (`distill.teacher.CrossTopK.agreement`) is the same count."""
+    where = alignment[:, :-1]
+    mask = labels[:, 1:].ne(IGNORE_INDEX) & where.ge(0)
+    mapped = vocab_map.ids[:, 0].to(student_top1.device)[student_top1[:, :-1]]
+    theirs = teacher_top1.gather(1, where.clamp(min=0))
+    return (mapped.eq(theirs) & mask).sum(), mask.sum()
