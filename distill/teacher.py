@@ -10,7 +10,8 @@ source             recipe                          targets
                                                    the logits are never made); ``CrossTopK`` for a
                                                    teacher with another tokenizer (distill.xtoken)
 ``CachedTeacher``  ``teacher_cache``               ``TopK`` read from disk, carried by the batch
-                                                   (``teacher_cache.TargetsCollator``)
+                                                   (``teacher_cache.TargetsCollator``); ``CrossTopK``
+                                                   from a cache in the teacher's token space
 ``ServedTeacher``  ``teacher_server``              ``TopK`` from a vLLM server, requested when the
                                                    batch is collated, one batch ahead
                                                    (``teacher_server.ServedTargetsCollator``), or
@@ -25,6 +26,8 @@ The trainer knows sources and targets only through these methods, never through 
   (the run's :class:`distill.cost.CostCallback`, None at evaluation) is billed what the source did
   there: the teacher forward, measured; nothing for a cache (the callback bills its share of the
   build); the positions a server scored, computed from the teacher's config, and its wall time.
+- several teachers (``teachers:``): a list of sources with weights, each the same as alone, reading
+  its own batch keys (``name@i``, distill.data.own_keys) and billed under its own ``role``.
 - ``ModelTeacher.targets(..., layers)`` also hands over the outputs of the decoder layers a loss
   term names (``targets.layers``; distill.hidden), captured with hooks in the same forward. The other
   sources have no hidden states: a recipe asking for them is refused (DistillConfig).

@@ -25,13 +25,11 @@ for another pair. Target positions with no teacher counterpart get the cross-ent
 `unaligned_targets` counts them for the log, so that nothing is dropped silently. Identical
 tokenizers give the identity map and alignment, and the loss is then the same-tokenizer top-k loss.
 
-A top-k cache serves any student tokenizer if it stores, per row, the teacher's ids, its top-k
-targets and its *keys* (`prediction_keys` of the teacher's encoding: one int per position, -1 where
-none), instead of targets laid out on the student's positions. A run with another student tokenizer
-computes its own keys (`encode`, `prediction_keys`) and joins them with the cached ones
-(`align_keys`); the teacher never runs again. Keys are byte coordinates of the row's visible text, so
-they mean the same for every tokenizer. Rows must then be cached one document per row (no packing
-across documents), since the packing differs per tokenizer.
+A top-k cache serves any student tokenizer when it is built in the teacher's token space
+(`distill.cache_teacher`): each row one document, tokenised the teacher's way, with the teacher's
+top-k at every teacher position. A run with another student tokenizer tokenises its rows with both
+tokenizers (`distill.data.tokenize_pair`), finds each row's cached targets by its teacher tokens, and
+aligns as with a live teacher; the teacher never runs again.
 
 What the first-token map cannot carry: where the student's token is several teacher tokens (" 13" is
 " ", "1", "3"), only the first is compared, and the teacher's positions inside the student token
