@@ -69,7 +69,7 @@ from distill.losses import (
 from distill.placement import describe, parameter_bytes, place_teacher
 from distill.teacher_cache import TeacherCache
 from distill.teacher_server import TeacherServer
-from distill.xtoken import VocabMap
+from distill.xtoken import VocabMap, mapped_agreement
 
 # --- targets ---------------------------------------------------------------------------------------
 
@@ -193,14 +193,8 @@ class CrossTopK(NamedTuple):
         return self.targets.ids[..., 0]  # the teacher's, on its own positions
 
     def agreement(self, student_top1, teacher_top1, labels):
-        """(matches, aligned target positions): the student's top-1, mapped into the teacher's vocabulary
-        (the teacher token its mass goes to, `VocabMap.ids[:, 0]`), is the teacher's top-1 at the aligned
-        position. Unaligned positions are in neither count (they are reported as the unaligned share)."""
-        where = self.alignment[:, :-1]
-        mask = labels[:, 1:].ne(IGNORE_INDEX) & where.ge(0)
-        mapped = self.vocab_map.ids[:, 0].to(student_top1.device)[student_top1[:, :-1]]
-        theirs = teacher_top1.gather(1, where.clamp(min=0))
-        return (mapped.eq(theirs) & mask).sum(), mask.sum()
+        # Per aligned target position, through the map: `distill eval` counts the same (one definition).
+        return mapped_agreement(student_top1, teacher_top1, labels, self.alignment, self.vocab_map)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.targets.logprobs, self.targets.tail.nan_to_num(neginf=0.0)]

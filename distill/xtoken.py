@@ -534,8 +534,9 @@ def mapped_agreement(student_top1, teacher_top1, labels, alignment, vocab_map: V
     """(matches, aligned target positions) across tokenizers: at each student target position with an
     aligned teacher position, the student's top-1 sent through the vocabulary map (the teacher token its
     mass goes to, ``ids[:, 0]``) is the teacher's top-1 there. ``*_top1``: (batch, seq) argmax ids on
-    each side's own positions; ``alignment``: (batch, student seq), -1 where none. Training's
-    held-out agreement (`distill.teacher.CrossTopK.agreement`) is the same count."""
+    each side's own positions; ``alignment``: (batch, student seq), -1 where none. Unaligned positions
+    are in neither count (they are reported as the unaligned share). Training's held-out agreement
+    (`distill.teacher.CrossTopK.agreement`) is this count."""
     where = alignment[:, :-1]
     mask = labels[:, 1:].ne(IGNORE_INDEX) & where.ge(0)
     mapped = vocab_map.ids[:, 0].to(student_top1.device)[student_top1[:, :-1]]

@@ -72,9 +72,11 @@ def test_identical_tokenizers_through_the_cross_path_give_the_same_tokenizer_num
         assert b[key] == pytest.approx(a[key], rel=1e-5)
 
 
-def test_agreement_is_trainings_eval_agreement():
-    """`xtoken.mapped_agreement` counts what `distill.teacher.CrossTopK.agreement` (training's
-    held-out agreement) counts, on a map with ties, unaligned positions and non-targets."""
+def test_agreement_across_tokenizers_counts_aligned_targets_whose_mapped_top1_is_the_teachers():
+    """`xtoken.mapped_agreement` (training's held-out agreement, `CrossTopK.agreement`, and `distill
+    eval`'s) against a loop written from its definition, on a map with ties, unaligned positions and
+    non-targets: position p counts when label p + 1 is a target and p has a teacher position a, and
+    then matches when the student's top-1 at p, sent through the map, is the teacher's top-1 at a."""
     g = torch.Generator().manual_seed(0)
     s_tok, t_tok = load_tokenizer(STUDENT), load_tokenizer(TEACHER_XTOK)
     vocab_map = xtoken.build_vocab_map(s_tok, t_tok)
@@ -84,10 +86,17 @@ def test_agreement_is_trainings_eval_agreement():
     alignment = torch.randint(-1, 15, (3, 20), generator=g)
     labels = torch.randint(0, len(s_tok), (3, 20), generator=g)
     labels[:, ::4] = IGNORE_INDEX
+    matches = counted = 0
+    for b in range(3):
+        for p in range(19):
+            a = int(alignment[b, p])
+            if labels[b, p + 1] != IGNORE_INDEX and a >= 0:
+                counted += 1
+                matches += int(vocab_map.ids[student_top1[b, p], 0]) == int(teacher_top1[b, a])
     ours = xtoken.mapped_agreement(student_top1, teacher_top1, labels, alignment, vocab_map)
+    assert [int(x) for x in ours] == [matches, counted] and 0 < matches < counted
     training = CrossTopK(None, alignment, vocab_map, "projected").agreement(student_top1, teacher_top1, labels)
-    assert [int(x) for x in ours] == [int(x) for x in training]
-    assert 0 < int(ours[0]) < int(ours[1])
+    assert [int(x) for x in training] == [matches, counted]
 
 
 def test_bits_per_byte_is_the_nll_of_the_tokens_over_the_bytes_of_their_text(models):
