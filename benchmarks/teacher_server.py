@@ -57,12 +57,12 @@ from transformers import TrainerCallback
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from distill.cache_teacher import teacher_targets  # noqa: E402
 from distill.config import DataArguments, DistillConfig  # noqa: E402
 from distill.data import Collator, build_datasets  # noqa: E402
 from distill.flops import model_size  # noqa: E402
 from distill.models import load_model, load_tokenizer  # noqa: E402
 from distill.teacher import ServedTeacher  # noqa: E402
-from distill.cache_teacher import teacher_targets  # noqa: E402
 from distill.teacher_server import ServedTargetsCollator, TeacherServer  # noqa: E402
 from distill.trainer import DistillTrainer  # noqa: E402
 

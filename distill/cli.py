@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="teacher, same forms as --student (leave out for plain fine-tuning)")
     p.add_argument("--tokens", required=True, help="training tokens, e.g. 2B or 300e9")
     p.add_argument("--seq_len", type=int, default=2048, help="sequence length, for the attention term (2048)")
+    p.add_argument(
+        "--teacher_tokens_per_token", type=float, default=1.0,
+        help="the teacher's tokens per student token for the same text (1; a teacher with another tokenizer: "
+        "`distill eval` prints it as teacher_tokens_per_student_token)",
+    )  # fmt: skip
     p.add_argument("--accelerator", default="H100", help="accelerator whose dense bf16 peak is assumed (H100)")
     p.add_argument("--peak_tflops", type=float, help="dense bf16 peak TFLOP/s per device; overrides --accelerator")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation, 0-1 (0.4)")

@@ -21,17 +21,22 @@ from distill.errors import UserError
 from distill.flops import ModelSize, forward_flops, model_size, parse_count
 
 
-def training_flops(student: ModelSize, tokens: float, seq_len: int, teacher: ModelSize | None = None) -> dict:
-    """Analytic FLOPs of distilling on ``tokens`` tokens: 3 student forwards + 1 teacher forward per token."""
+def training_flops(
+    student: ModelSize, tokens: float, seq_len: int, teacher: ModelSize | None = None, teacher_ratio: float = 1.0
+) -> dict:
+    """Analytic FLOPs of distilling on ``tokens`` tokens: 3 student forwards + 1 teacher forward per token.
+    ``teacher_ratio``: the teacher's tokens per student token (a teacher with another tokenizer reads the
+    same text in more or fewer tokens: its forward runs on ratio x tokens, in sequences ratio x as long)."""
 
-    def attention(size: ModelSize) -> float:  # the 4 L s d part of each forward
-        return forward_flops(size._replace(params=0), tokens, seq_len)
+    def attention(size: ModelSize, n: float, s: float) -> float:  # the 4 L s d part of each forward
+        return forward_flops(size._replace(params=0), n, s)
 
+    t_tokens, t_seq = teacher_ratio * tokens, teacher_ratio * seq_len
     out = {
         "student": 3 * forward_flops(student, tokens, seq_len),
-        "student_attention": 3 * attention(student),
-        "teacher": forward_flops(teacher, tokens, seq_len) if teacher else 0.0,
-        "teacher_attention": attention(teacher) if teacher else 0.0,
+        "student_attention": 3 * attention(student, tokens, seq_len),
+        "teacher": forward_flops(teacher, t_tokens, t_seq) if teacher else 0.0,
+        "teacher_attention": attention(teacher, t_tokens, t_seq) if teacher else 0.0,
     }
     out["total"] = out["student"] + out["teacher"]
     return out
@@ -48,6 +53,7 @@ def plan(
     price: float | None = None,
     server_pflops: float = 5.0,
     days: tuple[float, ...] = (3, 5, 10),
+    teacher_ratio: float = 1.0,
 ) -> dict:
     """Everything ``distill cost`` prints, as a JSON-ready dict.
 
@@ -63,6 +69,8 @@ def plan(
         raise UserError(f"seq_len must be at least 1, got {seq_len}")
     if not 0 < mfu <= 1:
         raise UserError(f"mfu is a fraction of the peak in (0, 1], got {mfu}")
+    if not teacher_ratio > 0:
+        raise UserError(f"teacher_tokens_per_token must be > 0, got {teacher_ratio}")
     if server_pflops <= 0 or any(d <= 0 for d in days):
         raise UserError("server PFlop/s and days must be positive")
     if peak_tflops is None:
@@ -70,7 +78,7 @@ def plan(
     elif peak_tflops <= 0:
         raise UserError(f"peak_tflops must be positive, got {peak_tflops}")
 
-    flops = training_flops(student, tokens, seq_len, teacher)
+    flops = training_flops(student, tokens, seq_len, teacher, teacher_ratio)
     hours = gpu_hours(flops["total"], peak_tflops, mfu)
     pfd = pflops_days(flops["total"])
 
@@ -94,6 +102,7 @@ def plan(
         "teacher": teacher._asdict() if teacher else None,
         "tokens": tokens,
         "seq_len": seq_len,
+        "teacher_tokens_per_token": teacher_ratio,
         "flops": flops,
         "pflops_days": {k: pflops_days(flops[k]) for k in ("student", "teacher", "total")},
         "accelerator": accelerator,
@@ -130,7 +139,9 @@ def render_plan(p: dict) -> str:
         f"  {'student  3 x (2N + 4Lsd) per token':<44}{_num(f['student']):>12}{pfd['student']:>14.4g}",
     ]
     if p["teacher"]:
-        lines.append(f"  {'teacher  1 x (2N + 4Lsd) per token':<44}{_num(f['teacher']):>12}{pfd['teacher']:>14.4g}")
+        r = p["teacher_tokens_per_token"]
+        what = "per token" if r == 1 else f"x {r:g} per token"
+        lines.append(f"  {'teacher  1 x (2N + 4Lsd) ' + what:<44}{_num(f['teacher']):>12}{pfd['teacher']:>14.4g}")
     attention = f["student_attention"] + f["teacher_attention"]
     lines += [
         f"  {'total':<44}{_num(f['total']):>12}{pfd['total']:>14.4g}",
@@ -178,5 +189,6 @@ def command(args) -> str:
         price=args.price,
         server_pflops=args.server_pflops,
         days=tuple(args.days),
+        teacher_ratio=args.teacher_tokens_per_token,
     )
     return json.dumps(p) if args.json else render_plan(p)

@@ -312,3 +312,22 @@ def test_activation_checkpointing_recompute_is_hardware_flops_not_model_flops(tm
     assert checkpointed["hfu"] / checkpointed["mfu"] == pytest.approx(
         checkpointed["hardware_flops"]["total"] / checkpointed["flops"]["total"]
     )
+
+
+def test_a_teacher_reading_more_tokens_per_token_is_planned_on_them():
+    """`--teacher_tokens_per_token r` (a teacher with another tokenizer): the teacher's forward runs on
+    r x the tokens in sequences r x as long; the student's line does not change; r = 1 is the plain plan."""
+    from distill.flops import forward_flops
+
+    student = ModelSize("s", 1e8, 12, 768)
+    teacher = ModelSize("t", 7e9, 28, 3584)
+    one = plan(student, 1e9, teacher, seq_len=1024)
+    more = plan(student, 1e9, teacher, seq_len=1024, teacher_ratio=1.35)
+    assert more["flops"]["student"] == one["flops"]["student"]
+    assert one["flops"]["teacher"] == forward_flops(teacher, 1e9, 1024)
+    assert more["flops"]["teacher"] == pytest.approx(forward_flops(teacher, 1.35e9, 1.35 * 1024), rel=1e-12)
+    assert more["flops"]["teacher"] > 1.35 * one["flops"]["teacher"]  # longer sequences: more attention per token
+    printed = cli.main(
+        ["cost", "--student", "135M", "--teacher", "7B", "--tokens", "1B", "--teacher_tokens_per_token", "0"]
+    )
+    assert printed == 2
