@@ -202,3 +202,20 @@ def test_a_cache_across_tokenizers_among_several_at_weight_one_trains_as_it_does
     assert all(torch.equal(a[k], b[k]) for k in a)
     one, two = (json.loads((tmp_path / d / "cost_report.json").read_text()) for d in ("one", "two"))
     assert two["teachers"][0]["source"] == "cache" and two["teachers"][0]["flops"] == one["flops"]["teacher"] > 0
+
+
+def test_on_policy_with_two_teachers_weighted_one_and_zero_is_the_first_teacher_alone(tmp_path):
+    """The student's own samples graded by several teachers: at weights (1, 0) the same samples, losses,
+    sampled reverse KL and student as with the first teacher alone."""
+    on_policy = {
+        "dataset": str(DATA / "domain_train.jsonl"), "eval_dataset": str(DATA / "domain_eval.jsonl"), "lmbda": 1.0,
+        "max_new_tokens": 8, "alpha": 1.0, "loss_type": "reverse_kl", "logging_steps": 1,
+    }  # fmt: skip
+    train.run(recipe(tmp_path, "one", teacher_model_name_or_path=TEACHER, **on_policy))
+    train.run(recipe(tmp_path, "two", teachers=[TEACHER, STUDENT], teacher_weights=[1.0, 0.0], **on_policy))
+    history = {d: json.loads((tmp_path / d / "trainer_state.json").read_text())["log_history"] for d in ("one", "two")}
+    keys = ("loss", "kd_loss", "sampled_length", "sampled_reverse_kl")
+    assert [[h.get(k) for k in keys] for h in history["two"]] == [[h.get(k) for k in keys] for h in history["one"]]
+    assert any(h.get("sampled_reverse_kl") for h in history["one"])
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
