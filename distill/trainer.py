@@ -24,7 +24,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from distill.chunked import final_hidden_states, output_weight, supports_chunked_loss, top1_rows
 from distill.config import DistillConfig
 from distill.cost import CostCallback
-from distill.data import own_keys
+from distill.data import keyed, own_keys
 from distill.errors import NonFiniteError, ServerError, UserError
 from distill.hidden import HiddenStateLoss, captured_layers, layer_pairs, prune_report
 from distill.losses import IGNORE_INDEX, DistillationLoss
@@ -155,7 +155,8 @@ class DistillTrainer(MeteredTrainer):
         if self.hidden_loss is not None:
             self.add_callback(ZeroGradAfterStep(self.hidden_loss))
         self._train_sums = torch.zeros(3)  # kd, ce, hidden since the last log, each already a step mean
-        self._unaligned_sums = torch.zeros(2)  # target tokens with no teacher position, target tokens
+        # per teacher: target tokens with no position of that teacher (another tokenizer), target tokens
+        self._unaligned_sums = torch.zeros(len(sources), 2)
         # kd*tokens, ce*tokens, hidden*tokens, agreeing tokens, tokens agreement is over, target tokens
         self._eval_sums = torch.zeros(6)
         # several teachers, each: kd*tokens, agreeing tokens, tokens (weighted into _eval_sums as well)
@@ -320,10 +321,12 @@ class DistillTrainer(MeteredTrainer):
             if self._last_logged_step is None:
                 self._last_logged_step = self.state.global_step
             self._train_sums += torch.stack([out.kd.float(), out.ce.float(), hidden]).cpu()
-            if "alignment" in inputs:  # a teacher with another tokenizer (distill.xtoken)
-                self._unaligned_sums += torch.tensor(
-                    [unaligned_targets(inputs["alignment"], inputs["labels"]), int(out.num_tokens)], dtype=torch.float
-                )
+            for i in range(len(self.teachers)):
+                alignment = inputs.get(keyed("alignment", i if self._several else None))
+                if alignment is not None:  # a teacher with another tokenizer (distill.xtoken)
+                    self._unaligned_sums[i] += torch.tensor(
+                        [unaligned_targets(alignment, inputs["labels"]), int(out.num_tokens)], dtype=torch.float
+                    )
         else:
             # Agreement with several teachers: each teacher's, weighted (their aligned positions may differ).
             tokens = out.num_tokens
@@ -539,9 +542,11 @@ class DistillTrainer(MeteredTrainer):
             )
             if self.args.alpha > 0:  # at alpha 0 no teacher ran in training: there is no kd_loss
                 logs["kd_loss"] = kd / per
-            unaligned, tokens = self._reduce(self._unaligned_sums).tolist()
-            if tokens:  # the share of target tokens trained on the labels only, never hidden
-                logs["unaligned_share"] = unaligned / tokens
+            for i, (unaligned, tokens) in enumerate(self._reduce(self._unaligned_sums).tolist()):
+                # The share of target tokens with no position of this teacher: trained on the labels (and
+                # the other teachers) only, never hidden.
+                if tokens:
+                    logs["unaligned_share" + (f"_teacher_{i}" if self._several else "")] = unaligned / tokens
             self._unaligned_sums.zero_()
             logs["ce_loss"] = ce / per
             if self.hidden_loss is not None:

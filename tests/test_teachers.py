@@ -58,6 +58,12 @@ def test_two_teachers_weighted_one_and_zero_train_exactly_as_the_first_alone(tmp
     two = train.run(recipe(tmp_path, "two", teachers=[first, second], teacher_weights=[1.0, 0.0]))
     assert losses(tmp_path / "two") == losses(tmp_path / "one")
     assert two["eval"]["eval_agreement_teacher_0"] == one["eval"]["eval_agreement"]
+    if first == TEACHER_XTOK:  # each teacher's unaligned share is logged under its own name
+        history = {
+            d: json.loads((tmp_path / d / "trainer_state.json").read_text())["log_history"] for d in ("one", "two")
+        }
+        shares = [h.get("unaligned_share") for h in history["one"]]
+        assert any(shares) and [h.get("unaligned_share_teacher_0") for h in history["two"]] == shares
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
