@@ -44,7 +44,7 @@ from distill.teacher_cache import (
     tokenizer_hash,
     write_json,
 )
-from distill.teacher_server import TeacherServer, check_run
+from distill.teacher_server import TeacherServer, check_run, served_tokenizer
 
 SHARD_EXAMPLES = 1024  # examples per shard: a few to a few hundred MB at k = 64
 REPORT_BATCHES = 4  # batches on which the build compares the top-k loss with the full one
@@ -112,15 +112,14 @@ def _write_shard(final: Path, arrays: dict, cost: dict) -> None:
     os.replace(tmp, final)
 
 
-def served_targets(server: TeacherServer, size, batches: list[dict]):
-    """Top-k targets of every target position of each batch, row-major, from a teacher server, with
+def served_targets(server: TeacherServer, size, batches: list[dict], every_position: bool = False):
+    """Top-k targets of every row of each batch (`target_rows`), row-major, from a teacher server, with
     the FLOPs the server did (computed from the teacher's config, as the trainer bills them). All the
     batches are sent at once: the server works on the next while the answers of one are unpacked."""
-    for request, batch in [(server.submit(batch), batch) for batch in batches]:
+    for request, batch in [(server.submit(batch, every_position), batch) for batch in batches]:
         scored = request.result()
-        target = batch["labels"][:, 1:].ne(IGNORE_INDEX)
-        rows = TopKTargets(*(t[:, :-1][target] for t in scored.targets))
-        yield rows, scored.flops(size)
+        target = target_rows(batch, every_position).cpu()
+        yield TopKTargets(*(t[target] for t in scored.targets)), scored.flops(size)
 
 
 def write_split(
@@ -150,7 +149,7 @@ def write_split(
             for s in range(first, last, batch_size)
         ]
         if served:
-            results = served_targets(*teacher, batches)
+            results = served_targets(*teacher, batches, every_position)
         else:
             results = (
                 (teacher_targets(teacher, batch, k, temperature, vocab, meter=meter, every_position=every_position), 0)
@@ -273,15 +272,18 @@ def build(
         resolve(name)
         check_max_length(name, data_args.max_length, role)
     tokenizer = load_tokenizer(model_args.model_name_or_path)
-    teacher_tokenizer = None  # set for a cache in the teacher's token space (another tokenizer than the student's)
+    # Set for a cache in the teacher's token space (another tokenizer than the student's); a served
+    # teacher's is read from its files (no weights), or is the student's where there are none.
+    teacher_tokenizer = (served_tokenizer if server else load_tokenizer)(config.teacher_model_name_or_path)
+    if teacher_tokenizer is not None and same_tokenizer(tokenizer, teacher_tokenizer):
+        teacher_tokenizer = None
+    elif teacher_tokenizer is not None:
+        xtoken.check_offsets(teacher_tokenizer, "teacher")
     if server is not None:
-        teacher_size = check_run(server, config, data_args, model_args, tokenizer)
-    else:
-        teacher_tokenizer = load_tokenizer(config.teacher_model_name_or_path)
-        if same_tokenizer(tokenizer, teacher_tokenizer):
-            teacher_tokenizer = None
-        else:
-            xtoken.check_offsets(teacher_tokenizer, "teacher")
+        pair = {}
+        if teacher_tokenizer is not None:
+            pair = {"teacher_tokenizer": teacher_tokenizer, "teacher_max_length": teacher_length(config, data_args)}
+        teacher_size = check_run(server, config, data_args, model_args, tokenizer, **pair)
     if teacher_tokenizer is None:
         with config.main_process_first(desc="tokenizing"):
             train_data, eval_data = build_datasets(data_args, tokenizer, seed=config.seed)
@@ -327,7 +329,11 @@ def build(
         raise UserError(f"teacher_cache {path} exists and is not a teacher cache: choose a new or empty directory")
     path.mkdir(parents=True, exist_ok=True)
 
-    if teacher_tokenizer is not None:  # the targets are the teacher's alone: no student runs
+    if teacher_tokenizer is not None and server is not None:  # the teacher's alone, on the server
+        teacher, teacher_vocab, vocab = (server, teacher_size), server.teacher_vocab, len(teacher_tokenizer)
+        if not _tokenizer_saved(path, identity["tokenizer"]):
+            teacher_tokenizer.save_pretrained(path / TEACHER_TOKENIZER)
+    elif teacher_tokenizer is not None:  # the targets are the teacher's alone: no student runs
         teacher = load_model(
             config.teacher_model_name_or_path, config.resolved_teacher_dtype, model_args.attn_implementation
         )

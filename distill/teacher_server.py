@@ -457,9 +457,10 @@ class TeacherServer(VLLMServer):
         logprobs, ids, tails = zip(*found)
         return np.array(logprobs), np.array(ids), np.array(tails)
 
-    def score(self, batch: dict) -> Scored:
-        """Top-k targets of a right-padded batch at the positions the loss reads; each prompt is sent up
-        to the token after its last such position.
+    def score(self, batch: dict, every_position: bool = False) -> Scored:
+        """Top-k targets of a right-padded batch at the positions the loss reads (``every_position``: at
+        every position of each row, as a cache in the teacher's token space keeps them); each prompt is
+        sent up to the token after its last such position.
 
         One tokenizer: the rows' ``input_ids``, at the positions p with ``labels[p + 1] != -100``. A
         teacher with another tokenizer (rows of `distill.data.tokenize_pair`: ``teacher_input_ids``,
@@ -476,7 +477,7 @@ class TeacherServer(VLLMServer):
             wanted[torch.arange(len(ids))[:, None].expand_as(aligned)[used], aligned[used]] = True
         else:
             ids = batch["input_ids"].cpu()
-            wanted = labels[:, 1:].ne(IGNORE_INDEX)
+            wanted = batch["attention_mask"].cpu().bool() if every_position else labels[:, 1:].ne(IGNORE_INDEX)
         sent, where = [], []
         for j in range(len(ids)):
             positions = wanted[j].nonzero().squeeze(1).tolist()
@@ -506,9 +507,9 @@ class TeacherServer(VLLMServer):
         targets = TopKTargets(torch.from_numpy(logprobs), torch.from_numpy(out_ids), torch.from_numpy(tail))
         return Scored(targets, [len(s) for s in sent], time.perf_counter() - started)
 
-    def submit(self, batch: dict) -> Future:
+    def submit(self, batch: dict, every_position: bool = False) -> Future:
         """``score(batch)`` in a background thread: the request runs while the trainer works."""
-        return self._pool(1).submit(self.score, batch)
+        return self._pool(1).submit(self.score, batch, every_position)
 
 
 def check_run(

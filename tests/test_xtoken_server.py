@@ -292,3 +292,43 @@ def test_a_served_teacher_among_several_at_weight_one_trains_as_it_does_alone(tm
     assert served_line["flops"] == one["teacher_server"]["computed_flops"] > 0
     assert served_line["positions"] == one["teacher_server"]["positions"]
     assert model_line["source"] == "model" and two["flops"]["teacher"] == served_line["flops"] + model_line["flops"]
+
+
+def test_a_cache_filled_from_a_served_cross_tokenizer_teacher_holds_the_live_teachers_targets(tmp_path, pair, served):
+    """`distill cache-teacher` with a `teacher_server` whose tokenizer is not the student's builds the
+    cache in the teacher's token space, as from the live teacher: the same rows, positions and top-k ids,
+    log-probabilities within the padded head rows' mass (vLLM's log-softmax covers them); its bill is
+    computed, not measured; a student trains from it."""
+    import numpy as np
+
+    from distill.cli import main
+
+    recipe = str(ROOT / "recipes" / "tiny_cpu_xtok.yaml")
+    common = ["--teacher_top_k", str(K), "--max_train_samples", "12", "--eval_dataset", "null", "--eval_fraction", "0"]
+    live, remote = tmp_path / "live", tmp_path / "served"
+    assert main(["cache-teacher", recipe, "--teacher_cache", str(live), *common]) == 0
+    assert main(["cache-teacher", recipe, "--teacher_cache", str(remote), "--teacher_server", served.url, *common]) == 0
+    shard = "train/shard-00000"
+    a, b = (
+        {n: np.load(c / shard / f"{n}.npy") for n in ("ids", "logprobs", "input_ids", "offsets")}
+        for c in (live, remote)
+    )
+    assert np.array_equal(a["input_ids"], b["input_ids"]) and np.array_equal(a["offsets"], b["offsets"])
+    assert np.array_equal(a["ids"], b["ids"]) and (b["ids"] < 600).all()
+    # vLLM's log-softmax covers the head's 40 padded rows: served = live + log(1 - their mass), row by row.
+    padded = []
+    with torch.no_grad():
+        for e in range(len(a["offsets"]) - 1):
+            ids = torch.from_numpy(a["input_ids"][a["offsets"][e] : a["offsets"][e + 1]].astype(np.int64))
+            log_p = pair.model(ids[None]).logits[0].float().log_softmax(-1)
+            padded.append(log_p[:, 600:].logsumexp(-1).exp())
+    shift = torch.log1p(-torch.cat(padded)).numpy()[:, None]
+    np.testing.assert_allclose(b["logprobs"], a["logprobs"] + shift, atol=2e-5, rtol=0)
+    manifest = json.loads((remote / "manifest.json").read_text())
+    assert manifest["identity"]["space"] == "teacher" and manifest["teacher_cost"]["train"]["measured"] is False
+    assert manifest["teacher_cost"]["train"]["flops"] > 0
+
+    metrics = train.run(recipe, ["--teacher_cache", str(remote), "--max_steps", "2", "--per_device_train_batch_size", "4",
+                                 "--output_dir", str(tmp_path / "out"), "--logging_steps", "1", *common])  # fmt: skip
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    assert metrics["global_step"] == 2 and all(math.isfinite(h["kd_loss"]) for h in history if "kd_loss" in h)
