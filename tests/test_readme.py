@@ -449,3 +449,19 @@ def test_the_several_teachers_figures(readme):
         check(f"teacher {i} {name} (weight {{}}): agreement before {{}} after {{}}, KL before {{}} after {{}}",
               0.5, before[f"eval_before_agreement_teacher_{i}"], after[f"eval_agreement_teacher_{i}"],
               before[f"eval_before_kd_loss_teacher_{i}"], after[f"eval_kd_loss_teacher_{i}"], rel=TRAINED)  # fmt: skip
+
+
+def test_the_cross_tokenizer_cache_and_eval_figures(readme):
+    """The run trained from the teacher-space cache (its numbers, trained; its bill and the cache's size,
+    exact), and `distill eval` of the cross-tokenizer student: its agreement is the run's eval_agreement."""
+    run = "runs/tiny_cpu_xtok_cached"
+    metrics = read_json(readme, f"{run}/metrics.json")
+    kd = [h["kd_loss"] for h in read_json(readme, f"{run}/trainer_state.json")["log_history"] if "kd_loss" in h]
+    check("ends (final kd_loss {}, held-out agreement {}, KL {} in both)", kd[-1], metrics["eval"]["eval_agreement"],
+          metrics["eval"]["eval_kd_loss"], rel=TRAINED)  # fmt: skip
+    check("the cache holds {} bytes per teacher position (k {})",
+          read_json(readme, "runs/xtok_cache/manifest.json")["bytes_per_token"], 64)  # fmt: skip
+    check("billed the cache build's {} teacher FLOPs", read_json(readme, f"{run}/cost_report.json")["flops"]["teacher"])
+    report = read_json(readme, "runs/tiny_cpu_xtok/eval/eval_report.json")
+    trained = read_json(readme, "runs/tiny_cpu_xtok/metrics.json")["eval"]["eval_agreement"]
+    assert report["student"]["top1_agreement"] == trained
