@@ -169,6 +169,41 @@ def test_two_ddp_processes_on_cpu_train_like_one_process_with_the_same_global_ba
     assert held == full
 
 
+# Two teachers of the student's tokenizer (the tiny teacher, and the student's own weights as a second),
+# weighted 0.7 / 0.3: each teacher's evaluation and bill are summed over processes like the rest.
+SEVERAL = ["--teacher_model_name_or_path", "null", "--teachers", "[tiny_models/teacher, tiny_models/student]",
+           "--teacher_weights", "[0.7, 0.3]"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_several_teachers_on_two_ddp_processes_train_evaluate_and_bill_like_one_process(tmp_path):
+    folders = {name: tmp_path / name for name in ("one", "ddp")}
+
+    def train(name, *extra):
+        return [str(HERE), "train", str(folders[name]), *RUN, *SEVERAL, "--output_dir", str(folders[name] / "out"),
+                *extra]  # fmt: skip
+
+    for folder in folders.values():
+        folder.mkdir()
+    one = start([*ACCELERATE, "--config_file", "recipes/accelerate/cpu.yaml", *train("one", *ONE)])
+    ddp = start([*TORCHRUN, *train("ddp", *TWO)])
+    finish(one), finish(ddp)
+    (reference,), ranks = read_records(folders["one"]), read_records(folders["ddp"])
+    assert len(ranks) == 2
+    for key in ("eval_before", "eval"):
+        want = {k: v for k, v in reference[key].items() if "_teacher_" in k}
+        assert len(want) == 4  # kd_loss and agreement of each teacher
+        for rank in ranks:
+            for name, value in want.items():
+                assert rank[key][name] == pytest.approx(value, rel=1e-5), (key, name)
+    for got, want in zip(train_logs(ranks[0]), train_logs(reference), strict=True):
+        for key in ("loss", "kd_loss", "ce_loss"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), key
+    bills = [json.loads((f / "out" / "cost_report.json").read_text())["teachers"] for f in folders.values()]
+    assert [t["flops"] for t in bills[1]] == [t["flops"] for t in bills[0]]
+    assert all(t["flops"] > 0 for t in bills[0])
+
+
 @pytest.mark.slow
 def test_two_zero3_processes_on_cpu_train_like_one_process_with_a_sharded_teacher(runs):
     if "zero3" not in runs:
