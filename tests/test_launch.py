@@ -423,6 +423,10 @@ def shard_worker(record_dir: str) -> None:
     except ImportError:
         pass
     Path(record_dir, f"rank{rank}.json").write_text(json.dumps(record))
+    # Every rank done with its collectives before any tears its group down: a rank that destroyed the
+    # group while the other's last gloo work was in flight aborted at exit ("terminate called without an
+    # active exception", exit -6; once in CI).
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -476,6 +480,7 @@ def on_policy_fsdp_worker(record_dir: str) -> None:
     prompts = [6 + (step if rank == 1 else 0) - 1 for step in range(3)]  # 2 rows each
     record["computed"] = sum(2 * sampling_flops(size, width, args.max_new_tokens) for width in prompts)
     Path(record_dir, f"rank{rank}.json").write_text(json.dumps(record))
+    dist.barrier()  # as in shard_worker: no rank tears the group down under the other's last collective
     dist.destroy_process_group()
 
 
