@@ -282,14 +282,15 @@ def build(
     if server is not None:
         pair = {}
         if teacher_tokenizer is not None:
-            pair = {"teacher_tokenizer": teacher_tokenizer, "teacher_max_length": teacher_length(config, data_args)}
+            cut = teacher_length(config.teacher_model_name_or_path, data_args.max_length)
+            pair = {"teacher_tokenizer": teacher_tokenizer, "teacher_max_length": cut}
         teacher_size = check_run(server, config, data_args, model_args, tokenizer, **pair)
     if teacher_tokenizer is None:
         with config.main_process_first(desc="tokenizing"):
             train_data, eval_data = build_datasets(data_args, tokenizer, seed=config.seed)
         identity = run_identity(config, data_args, tokenizer, train_data, eval_data)
     else:
-        cut = teacher_length(config, data_args)
+        cut = teacher_length(config.teacher_model_name_or_path, data_args.max_length)
         with config.main_process_first(desc="tokenizing"):
             train_rows, eval_rows = split_rows(data_args, config.seed)
             train_data = teacher_side(train_rows, teacher_tokenizer, cut, f"dataset {data_args.dataset}")

@@ -254,15 +254,15 @@ def split_rows(args: DataArguments, seed: int = 0):
     return train_rows, eval_rows
 
 
-def teacher_length(config, data_args, teacher: str | None = None) -> int:
-    """Where the teacher's side of a row is cut: its tokenizer may need more tokens for the same text
-    (twice the student's max_length), within its positions. Cut positions are counted as unaligned.
-    ``teacher``: which (one of several); default the recipe's teacher."""
+def teacher_length(teacher: str, max_length: int) -> int:
+    """Where the side of a row of ``teacher`` (a hub id, folder or .gguf) is cut when the student's is cut
+    at ``max_length``: its tokenizer may need more tokens for the same text (twice as many), within its
+    positions. Cut positions are counted as unaligned."""
     limit = None
-    where, gguf_file = resolve(teacher or config.teacher_model_name_or_path)
+    where, gguf_file = resolve(teacher)
     if not gguf_file and Path(where).is_dir():
         limit = json.loads((Path(where) / "config.json").read_text()).get("max_position_embeddings")
-    return min(2 * data_args.max_length, limit) if isinstance(limit, int) else 2 * data_args.max_length
+    return min(2 * max_length, limit) if isinstance(limit, int) else 2 * max_length
 
 
 def tokenize_pair(
@@ -275,8 +275,12 @@ def tokenize_pair(
     visible text, or -1 (`distill.xtoken`). Both sides are truncated, the teacher at
     ``teacher_max_length`` (default ``max_length``); a student position whose teacher position was cut
     off is -1 too, and counted by `xtoken.unaligned_targets` like any other."""
-    student = xtoken.encode(tokenizer, row, "student")
-    teacher = xtoken.encode(teacher_tokenizer, row, "teacher")
+    student, teacher = xtoken.encode(tokenizer, row, "student"), xtoken.encode(teacher_tokenizer, row, "teacher")
+    return pair_of(student, teacher, max_length, teacher_max_length)
+
+
+def pair_of(student, teacher, max_length: int, teacher_max_length: int | None = None) -> dict[str, list[int]]:
+    """`tokenize_pair`'s row from the two sides' encodings (`xtoken.encode`)."""
     n_t = teacher_max_length or max_length
     alignment = [j if j < n_t else -1 for j in xtoken.align(student, teacher)][:max_length]
     labels = [t if target else IGNORE_INDEX for t, target in zip(student.ids, student.target)][:max_length]

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from distill import cost, xtoken
 from distill.config import DTYPES
 from distill.console import bar, quiet_libraries
-from distill.data import Collator, check_has_targets, detect_format, load_rows, tokenize, tokenize_pair
+from distill.data import Collator, check_has_targets, detect_format, load_rows, pair_of, teacher_length, tokenize
 from distill.errors import UserError
 from distill.flops import FlopMeter
 from distill.generate import complete, prompts_from_rows, read_prompts, render
@@ -104,6 +104,18 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
+def timed_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``model``'s logits on the batch, and the wall seconds of its forward (the device synchronised on
+    both sides, so that queued work is not timed to the wrong model)."""
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    _sync(model.device)
+    start = time.perf_counter()
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    _sync(model.device)
+    return logits, time.perf_counter() - start
+
+
+@torch.no_grad()
 def score(teacher, student, batches, total: int | None = None) -> dict:
     """Sums over the target tokens of ``batches``: per-model NLL and forward seconds, student/teacher
     KL and top-1 matches, target tokens and real (unpadded) tokens."""
@@ -112,12 +124,8 @@ def score(teacher, student, batches, total: int | None = None) -> dict:
     for batch in bar(iterable=batches, total=total, desc="eval", unit="batch"):
         logits = {}
         for role, model in zip(ROLES, (teacher, student)):
-            ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
-            _sync(model.device)
-            start = time.perf_counter()
-            logits[role] = model(input_ids=ids, attention_mask=mask).logits
-            _sync(model.device)
-            seconds[role] += time.perf_counter() - start
+            logits[role], spent = timed_logits(model, batch["input_ids"], batch["attention_mask"])
+            seconds[role] += spent
         device = logits["student"].device
         t_logits, s_logits = logits["teacher"].to(device), logits["student"]
         labels = batch["labels"].to(device)
@@ -145,8 +153,8 @@ def pair_row(row: dict, tokenizer, teacher_tokenizer, max_length: int, teacher_m
     plus what eval scores on each side: ``teacher_labels``, the teacher's own targets (the same text's
     completion, assistant turns or whole text, as `xtoken.encode` marks them), and per token the new
     bytes of visible text it spells (`xtoken.new_bytes`): ``bytes``, ``teacher_bytes``."""
-    out = tokenize_pair(row, tokenizer, teacher_tokenizer, max_length, teacher_max_length)
     student, teacher = xtoken.encode(tokenizer, row, "student"), xtoken.encode(teacher_tokenizer, row, "teacher")
+    out = pair_of(student, teacher, max_length, teacher_max_length)
     out["bytes"] = xtoken.new_bytes(student.pieces)[:max_length]
     out["teacher_bytes"] = xtoken.new_bytes(teacher.pieces)[:teacher_max_length]
     labels = [t if target else IGNORE_INDEX for t, target in zip(teacher.ids, teacher.target)]
@@ -154,31 +162,21 @@ def pair_row(row: dict, tokenizer, teacher_tokenizer, max_length: int, teacher_m
     return out
 
 
-def pair_data(rows, tokenizer, teacher_tokenizer, max_length: int, name: str):
+def pair_data(rows, tokenizer, teacher_tokenizer, max_length: int, teacher_max_length: int, name: str):
     """Held-out rows for a teacher with another tokenizer, one document per row (`pair_row`); the
-    teacher's side is cut at 2 x ``max_length`` (its tokenizer may need more tokens for the same text),
-    as `distill train` cuts it; a cut teacher position leaves its student position unaligned."""
+    teacher's side is cut at ``teacher_max_length`` (`distill.data.teacher_length`, as `distill train`
+    cuts it); a cut teacher position leaves its student position unaligned."""
     fmt = detect_format(rows, name)
     if fmt == "prompt":
         raise UserError(f"{name} has a `prompt` column but no `completion`: held-out data needs completions to score")
     check_has_targets(rows, fmt, name)
     kw = {"tokenizer": tokenizer, "teacher_tokenizer": teacher_tokenizer, "max_length": max_length,
-          "teacher_max_length": 2 * max_length}  # fmt: skip
+          "teacher_max_length": teacher_max_length}  # fmt: skip
     out = rows.map(pair_row, fn_kwargs=kw, remove_columns=rows.column_names, desc=f"Tokenizing {name} for both")
     out = out.filter(lambda row: any(t != IGNORE_INDEX for t in row["labels"][1:]), desc="Dropping targetless rows")
     if len(out) == 0:
         raise UserError(f"{name} has no target tokens after tokenization (check --max_length and the columns)")
     return out
-
-
-def pair_vocab_map(fmt: str, tokenizer, teacher_tokenizer) -> xtoken.VocabMap:
-    """The vocabulary map `distill train` builds for this pair and data: chat pins the end-of-turn tokens
-    to each other, other data eos to eos."""
-    pairs = None
-    if fmt == "messages":
-        ends = xtoken.end_of_turn_id(tokenizer), xtoken.end_of_turn_id(teacher_tokenizer)
-        pairs = {ends[0]: ends[1]} if None not in ends else {}
-    return xtoken.build_vocab_map(tokenizer, teacher_tokenizer, special_pairs=pairs)
 
 
 class PairCollator:
@@ -215,13 +213,8 @@ def score_across(teacher, student, batches, vocab_map: xtoken.VocabMap, total: i
     for batch in bar(iterable=batches, total=total, desc="eval", unit="batch"):
         logits = {}
         for role, model, prefix in (("teacher", teacher, "teacher_"), ("student", student, "")):
-            ids = batch[f"{prefix}input_ids"].to(model.device)
-            mask = batch[f"{prefix}attention_mask"].to(model.device)
-            _sync(model.device)
-            start = time.perf_counter()
-            logits[role] = model(input_ids=ids, attention_mask=mask).logits
-            _sync(model.device)
-            seconds[role] += time.perf_counter() - start
+            logits[role], spent = timed_logits(model, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"])
+            seconds[role] += spent
         device = logits["student"].device
         s_logits, t_logits = logits["student"], logits["teacher"].to(device)
         labels, alignment = batch["labels"].to(device), batch["alignment"].to(device)
@@ -445,8 +438,11 @@ def run(args) -> dict:
         rows = rows.select(range(min(args.max_samples, len(rows))))
     name = f"eval data {args.data}"
     if cross:
-        data = pair_data(rows, tokenizer, teacher_tokenizer, args.max_length, name)
-        vocab_map = pair_vocab_map(detect_format(rows, name), tokenizer, teacher_tokenizer)
+        cut = teacher_length(args.teacher, args.max_length)
+        data = pair_data(rows, tokenizer, teacher_tokenizer, args.max_length, cut, name)
+        # The map `distill train` builds for this pair and data.
+        pins = xtoken.pinned_pairs(detect_format(rows, name), tokenizer, teacher_tokenizer)
+        vocab_map = xtoken.build_vocab_map(tokenizer, teacher_tokenizer, special_pairs=pins)
     else:
         data = tokenize(rows, tokenizer, args.max_length, name)
     same_data = {"path": Path(args.data).name, "split": args.split, "rows": len(rows), "max_length": args.max_length}

@@ -521,7 +521,7 @@ def check_run(
 
     With ``teacher_tokenizer`` (the teacher's differs from the student's, distill.xtoken) the server
     must tokenize as it does and is sent the teacher's side of each row, cut at
-    ``teacher_max_length`` (`distill.train.teacher_length`), plus at most one token; its log-probs
+    ``teacher_max_length`` (`distill.data.teacher_length`), plus at most one token; its log-probs
     are over that tokenizer's ids."""
     from transformers import AutoConfig
 

@@ -162,7 +162,11 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         check_cross_tokenizer(config, tokenizer, teacher_tokenizer)
     pair = {}
     if teacher_tokenizer is not None:
-        cut = cache.teacher_max_length if cache is not None else teacher_length(config, data_args)
+        cut = (
+            cache.teacher_max_length
+            if cache is not None
+            else teacher_length(config.teacher_model_name_or_path, data_args.max_length)
+        )
         pair = {"teacher_tokenizer": teacher_tokenizer, "teacher_max_length": cut}
     if server is not None:
         teacher_size = check_run(server, config, data_args, model_args, tokenizer, **pair)
@@ -268,10 +272,8 @@ def run_vocab_map(config, data_args, tokenizer, teacher_tokenizer, name: str = V
     (OUTPUT_DIR/vocab_map.safetensors); a resumed run reads it back, refusing one of another pair.
     Chat data pins the student's end-of-turn token to the teacher's, which is what an aligned end of
     turn compares; other data pins eos to eos."""
-    pairs = None
-    if detect_format(load_rows(data_args.dataset, data_args.dataset_config, data_args.dataset_split)) == "messages":
-        ends = xtoken.end_of_turn_id(tokenizer), xtoken.end_of_turn_id(teacher_tokenizer)
-        pairs = {ends[0]: ends[1]} if None not in ends else {}
+    fmt = detect_format(load_rows(data_args.dataset, data_args.dataset_config, data_args.dataset_split))
+    pairs = xtoken.pinned_pairs(fmt, tokenizer, teacher_tokenizer)
     path = Path(config.output_dir) / name
     if path.is_file():
         return xtoken.VocabMap.load(path, tokenizer, teacher_tokenizer, pairs)
@@ -333,7 +335,7 @@ def run_several(recipe: dict, config, data_args, model_args, resume: str | None,
     def cut(i: int) -> int:  # where teacher i's side of a row is cut (a teacher-space cache: where it was)
         if i in caches:
             return caches[i].teacher_max_length
-        return teacher_length(config, data_args, servers[i][1] if i in servers else config.teachers[i])
+        return teacher_length(servers[i][1] if i in servers else config.teachers[i], data_args.max_length)
 
     # Each teacher with another tokenizer adds its side of every row (the student's side is the same in each).
     build = {"seed": config.seed, "prompts_only": config.lmbda == 1}

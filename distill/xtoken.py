@@ -483,6 +483,16 @@ def _pairs(student_tokenizer, teacher_tokenizer, special_pairs: dict[int, int] |
     return {} if s_eos is None or t_eos is None else {s_eos: t_eos}
 
 
+def pinned_pairs(fmt: str, student_tokenizer, teacher_tokenizer) -> dict[int, int] | None:
+    """The ``special_pairs`` of `build_vocab_map` for data of format ``fmt``: chat (``messages``) pins
+    the student's end-of-turn token to the teacher's (none where a side has none); other data None,
+    the default eos -> eos."""
+    if fmt != "messages":
+        return None
+    ends = end_of_turn_id(student_tokenizer), end_of_turn_id(teacher_tokenizer)
+    return {ends[0]: ends[1]} if None not in ends else {}
+
+
 def build_vocab_map(
     student_tokenizer, teacher_tokenizer, k: int = 4, special_pairs: dict[int, int] | None = None
 ) -> VocabMap:

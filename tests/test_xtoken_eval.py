@@ -16,7 +16,7 @@ from distill.losses import IGNORE_INDEX
 from distill.models import load_model, load_tokenizer
 from distill.teacher import CrossTopK
 
-from conftest import DATA, STUDENT, TEACHER, TINY
+from conftest import DATA, STUDENT, TEACHER, TINY, SlowTokenizer
 
 TEACHER_XTOK = str(TINY / "teacher_xtok")
 HELD_OUT = str(DATA / "domain_eval.jsonl")
@@ -54,7 +54,7 @@ def test_identical_tokenizers_through_the_cross_path_give_the_same_tokenizer_num
     tok = load_tokenizer(STUDENT)
     rows = load_rows(HELD_OUT).select(range(12))
     same = tokenize(rows, tok, 64)
-    pair = evaluate.pair_data(rows, tok, tok, 64, "held out")
+    pair = evaluate.pair_data(rows, tok, tok, 64, 128, "held out")
     assert pair["input_ids"] == same["input_ids"] and pair["labels"] == same["labels"]  # the same rows
     # Heads cut to the tokenizer, so that both paths softmax over the same ids (the cross path takes the
     # tokenizer's ids only, the same-tokenizer one every id the two heads share); a noisy copy of the
@@ -106,7 +106,7 @@ def test_bits_per_byte_is_the_nll_of_the_tokens_over_the_bytes_of_their_text(mod
     text = "Anouk lived in Oskin, caf\u00e9 na\u00efve \u2615. She counted 13 swans."
     row = {"text": text}
     s_tok, t_tok = load_tokenizer(STUDENT), load_tokenizer(TEACHER_XTOK)
-    data = evaluate.pair_data(load_rows_of([row]), s_tok, t_tok, 128, "one text")
+    data = evaluate.pair_data(load_rows_of([row]), s_tok, t_tok, 128, 256, "one text")
     sums = evaluate.score_across(
         models[TEACHER_XTOK], models[STUDENT],
         batches_of(data, evaluate.PairCollator(s_tok.pad_token_id, t_tok.pad_token_id)),
@@ -185,21 +185,9 @@ def test_a_cross_report_is_not_compared_with_a_same_tokenizer_one(cross_report, 
     assert code == 2 and "across tokenizers" in err and "Traceback" not in err
 
 
-class NoOffsets:
-    """A tokenizer as a slow (Python) one looks to distill: no character offsets."""
-
-    is_fast = False
-
-    def __init__(self, tokenizer):
-        self._tokenizer = tokenizer
-
-    def __getattr__(self, name):
-        return getattr(self._tokenizer, name)
-
-
 def test_a_tokenizer_without_offsets_is_refused_before_any_model_loads(monkeypatch, capsys):
     real = evaluate.load_tokenizer
-    monkeypatch.setattr(evaluate, "load_tokenizer", lambda p: NoOffsets(real(p)) if p == TEACHER_XTOK else real(p))
+    monkeypatch.setattr(evaluate, "load_tokenizer", lambda p: SlowTokenizer(real(p)) if p == TEACHER_XTOK else real(p))
     monkeypatch.setattr(evaluate, "load_eval_model", lambda *a: pytest.fail("a model was loaded"))
     code = main(["eval", "--teacher", TEACHER_XTOK, "--student", STUDENT, "--data", HELD_OUT])
     err = capsys.readouterr().err
