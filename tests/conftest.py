@@ -48,3 +48,16 @@ class StopAt(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             control.should_training_stop = True
+
+
+class SlowTokenizer:
+    """A tokenizer that gives no character offsets, as a slow (Python) one looks to distill: what the
+    cross-tokenizer paths must refuse."""
+
+    is_fast = False
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)

@@ -82,6 +82,20 @@ def client(url, **kw):
     return server
 
 
+def hold_answers(stand_in) -> tuple[threading.Event, threading.Event]:
+    """Make ``stand_in`` hold every answer until ``released`` is set; ``arrived`` is set by the first
+    request. Returns (arrived, released)."""
+    arrived, released = threading.Event(), threading.Event()
+
+    def complete(body):
+        arrived.set()
+        released.wait()
+        return 200, RECORDED
+
+    stand_in.complete = complete
+    return arrived, released
+
+
 def batch(rows):
     """Right-padded rows with targets on every position after the first."""
     width = max(map(len, rows))
@@ -233,14 +247,7 @@ def test_once_a_request_has_spent_its_retries_the_others_fail_at_once(stand_in):
 def test_a_request_still_waiting_on_the_server_does_not_keep_the_process_alive(stand_in):
     """A fresh interpreter submits a batch to a server that never answers (timeout: an hour) and
     returns from its main thread: it exits at once, not when the request gives up."""
-    arrived, released = threading.Event(), threading.Event()
-
-    def complete(body):
-        arrived.set()
-        released.wait()
-        return 200, RECORDED
-
-    stand_in.complete = complete
+    arrived, released = hold_answers(stand_in)
     script = (
         "import sys, torch\nfrom distill.teacher_server import TeacherServer\n"
         f"server = TeacherServer({stand_in.url!r}, timeout=3600.0, retries=5)\n"
@@ -379,14 +386,7 @@ def test_finishing_requests_lets_each_call_in_hand_end_and_leaves_no_request_thr
     exception", exit -6 instead of 1). A server used afterwards gets new threads."""
     from distill.teacher_server import finish_requests
 
-    arrived, released = threading.Event(), threading.Event()
-
-    def complete(body):
-        arrived.set()
-        released.wait()
-        return 200, RECORDED
-
-    stand_in.complete = complete
+    arrived, released = hold_answers(stand_in)
     server = client(stand_in.url, timeout=600.0)
     rows = batch([[263, 81, 81, 84], [268, 290]])
     request = server.submit(rows)

@@ -26,7 +26,7 @@ from distill.teacher import CrossTopK, ModelTeacher, ServedTeacher
 from distill.teacher_server import TeacherServer, check_run
 from distill.xtoken import build_vocab_map
 
-from conftest import DATA, ROOT, STUDENT, TINY
+from conftest import DATA, ROOT, STUDENT, TINY, SlowTokenizer
 
 TEACHER_XTOK = str(TINY / "teacher_xtok")
 K = 8
@@ -205,18 +205,6 @@ def test_distill_train_from_a_served_cross_tokenizer_teacher(tmp_path, pair, ser
     assert report["flops"]["teacher"] == report["teacher_server"]["computed_flops"] > 0
     size = model_size(TEACHER_XTOK)
     assert report["teacher_server"]["computed_flops"] == sum(round(forward_flops(size, len(p), len(p))) for p in sent)
-
-
-class SlowTokenizer:
-    """A tokenizer that gives no character offsets (as a slow, Python tokenizer)."""
-
-    is_fast = False
-
-    def __init__(self, tokenizer):
-        self._tokenizer = tokenizer
-
-    def __getattr__(self, name):
-        return getattr(self._tokenizer, name)
 
 
 @pytest.mark.parametrize("bad", ["slow teacher tokenizer", "on-policy", "hidden loss"])

@@ -18,7 +18,7 @@ from distill.teacher import ModelTeacher
 from distill.trainer import DistillTrainer
 from distill.xtoken import build_vocab_map
 
-from conftest import DATA, STUDENT, TEACHER, TINY
+from conftest import DATA, STUDENT, TEACHER, TINY, SlowTokenizer
 
 TEACHER_XTOK = str(TINY / "teacher_xtok")
 
@@ -117,18 +117,6 @@ def test_a_saved_map_of_another_pair_is_refused_before_models_load(tmp_path, mon
     monkeypatch.setattr(train.adapters, "load_student", lambda *a, **k: pytest.fail("a model loaded"))
     with pytest.raises(UserError, match="vocabulary map for another student tokenizer"):
         train.run(recipe(tmp_path))
-
-
-class SlowTokenizer:
-    """A tokenizer that gives no character offsets (as a slow, Python tokenizer)."""
-
-    is_fast = False
-
-    def __init__(self, tokenizer):
-        self._tokenizer = tokenizer
-
-    def __getattr__(self, name):
-        return getattr(self._tokenizer, name)
 
 
 @pytest.mark.parametrize("bad", ["slow teacher tokenizer", "no teacher chat template", "on-policy"])
