@@ -139,11 +139,17 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=gguf_file)
     except OSError as err:
         raise _hub_error(name_or_path, err) from err
-    if tokenizer.pad_token is None:
-        # Padding positions are masked out of every loss, so any id will do; EOS is the usual choice.
-        tokenizer.pad_token = tokenizer.eos_token
+    with_pad_token(tokenizer)
     if gguf_file:
         tokenizer.gguf_placeholder_ids = gguf_placeholder_ids(str(Path(where) / gguf_file), len(tokenizer))
+    return tokenizer
+
+
+def with_pad_token(tokenizer) -> PreTrainedTokenizerBase:
+    """``tokenizer``, given EOS as its pad token where it has none: padding positions are masked out of
+    every loss, so any id will do, and EOS is the usual choice."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 

@@ -61,7 +61,7 @@ import torch
 
 from distill.errors import UserError
 from distill.losses import IGNORE_INDEX, TopKTargets
-from distill.models import local_model_digest
+from distill.models import local_model_digest, with_pad_token
 
 FORMAT = 2  # 2: the teacher is identified by its files and dtype (teacher_fingerprint), + teacher_cost
 MANIFEST = "manifest.json"
@@ -99,10 +99,7 @@ def read_tokenizer(folder: Path):
     """A tokenizer saved by `save_pretrained` alone (no model config beside it)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    if tokenizer.pad_token is None:  # padding is masked out: any id will do, as distill.models.load_tokenizer
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return with_pad_token(AutoTokenizer.from_pretrained(str(folder)))
 
 
 def run_identity(
