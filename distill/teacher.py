@@ -58,7 +58,6 @@ from distill.chunked import (
 from distill.flops import ModelSize
 from distill.hidden import captured_layers
 from distill.losses import (
-    IGNORE_INDEX,
     TopKTargets,
     distillation_loss,
     teacher_topk,
@@ -69,7 +68,7 @@ from distill.losses import (
 from distill.placement import describe, parameter_bytes, place_teacher
 from distill.teacher_cache import TeacherCache
 from distill.teacher_server import TeacherServer
-from distill.xtoken import VocabMap, mapped_agreement
+from distill.xtoken import VocabMap, aligned_teacher_positions, mapped_agreement
 
 # --- targets ---------------------------------------------------------------------------------------
 
@@ -270,10 +269,7 @@ class ModelTeacher:
         ids, alignment, labels = inputs["teacher_input_ids"], inputs["alignment"], inputs["labels"]
         model_inputs = {"input_ids": ids, "attention_mask": inputs.get("teacher_attention_mask")}
         vocab = self.vocab_map.teacher_vocab_size  # the tokenizer's ids: a padded head's rows are no token
-        where = alignment[:, :-1]
-        used = labels[:, 1:].ne(IGNORE_INDEX) & where.ge(0)
-        needed = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
-        needed[torch.arange(len(ids), device=ids.device)[:, None].expand_as(where)[used], where[used]] = True
+        needed = aligned_teacher_positions(alignment, labels, ids.shape[1])
         chunked = supports_chunked_loss(self.model)
         with cost.teacher_forward({**inputs, "input_ids": ids}, self.role) if cost else contextlib.nullcontext():
             if chunked:

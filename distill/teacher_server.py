@@ -70,6 +70,7 @@ import torch
 from distill.errors import ServerError, UserError
 from distill.flops import ModelSize, forward_flops
 from distill.losses import IGNORE_INDEX, TopKTargets
+from distill.xtoken import aligned_teacher_positions
 
 MIN_TAIL = 1e-9  # floor of the tail mass: float32 log-probabilities do not resolve less
 _TOKENIZER_CHUNK = 20_000  # characters per /tokenize request of the tokenizer check
@@ -471,10 +472,7 @@ class TeacherServer(VLLMServer):
         labels = batch["labels"].cpu()
         if "alignment" in batch:
             ids = batch["teacher_input_ids"].cpu()
-            aligned = batch["alignment"][:, :-1].cpu()
-            used = labels[:, 1:].ne(IGNORE_INDEX) & aligned.ge(0)
-            wanted = torch.zeros(ids.shape, dtype=torch.bool)
-            wanted[torch.arange(len(ids))[:, None].expand_as(aligned)[used], aligned[used]] = True
+            wanted = aligned_teacher_positions(batch["alignment"].cpu(), labels, ids.shape[1])
         else:
             ids = batch["input_ids"].cpu()
             wanted = batch["attention_mask"].cpu().bool() if every_position else labels[:, 1:].ne(IGNORE_INDEX)

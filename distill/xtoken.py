@@ -191,6 +191,16 @@ def unaligned_targets(alignment: list[int] | torch.Tensor, labels: list[int] | t
     return int((target & alignment[..., :-1].lt(0)).sum())
 
 
+def aligned_teacher_positions(alignment: torch.Tensor, labels: torch.Tensor, width: int) -> torch.Tensor:
+    """(batch, ``width``) bool: the teacher positions some student target position (``labels[i + 1] !=
+    -100``) is aligned with: where the loss and agreement read the teacher's targets, and no others."""
+    where = alignment[:, :-1]
+    used = labels[:, 1:].ne(IGNORE_INDEX) & where.ge(0)
+    out = torch.zeros(len(alignment), width, dtype=torch.bool, device=alignment.device)
+    out[torch.arange(len(alignment), device=alignment.device)[:, None].expand_as(where)[used], where[used]] = True
+    return out
+
+
 def new_bytes(pieces: list[Piece]) -> list[int]:
     """For each token, the bytes of visible text it reaches that no token before it did:
     ``max(0, hi_i - max(lo_i, c))`` with ``c`` the furthest coordinate tokens 0..i-1 reached. Zero for
