@@ -465,3 +465,5 @@ def test_the_cross_tokenizer_cache_and_eval_figures(readme):
     report = read_json(readme, "runs/tiny_cpu_xtok/eval/eval_report.json")
     trained = read_json(readme, "runs/tiny_cpu_xtok/metrics.json")["eval"]["eval_agreement"]
     assert report["student"]["top1_agreement"] == trained
+    check("`distill eval` measures R (`teacher_tokens_per_student_token`; {} on the tiny pair's held-out text)",
+          report["tokenizers"]["teacher_tokens_per_student_token"])  # fmt: skip
