@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import sys
 
@@ -20,6 +21,20 @@ def _recipe_job(args, rest):
     # A job's first step is parsing its recipe (distill.recipe.parse): a bad key or value is refused
     # before anything loads, as soon as the job's imports (transformers: seconds) are done.
     importlib.import_module(f"distill.{args.module}").run(args.recipe, rest)
+
+
+def end_process_group() -> None:
+    """Destroy the process group of a launched job that finished on every process.
+
+    Only after success: a rank that failed may leave the others inside a collective, and destroying the
+    group under them deadlocks (torchtitan#1342); their launcher stops them instead. Left to
+    finalisation, the group's worker threads can outlive the interpreter and abort the process after
+    its work is saved ("terminate called without an active exception", pytorch#190489), and NCCL warns
+    that the group was never destroyed."""
+    dist = sys.modules.get("torch.distributed")  # a job that never imported it made no group
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no process tears the group down under another's last collective
+        dist.destroy_process_group()
 
 
 def _no_extra(rest):
@@ -147,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.command} needs a recipe file: distill {args.command} RECIPE.yaml [--key value ...]")
     try:
         args.func(args, rest)
+        end_process_group()
+    except BrokenPipeError:
+        # `distill ... | head` closed the pipe: what was asked for was read. Python's own advice: point
+        # stdout at devnull so that the flush at exit does not raise a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except UserError as err:
         # The message says what to fix; a traceback would bury it. Anything else, ValueError included,
         # is a bug in distill and keeps its traceback, so that it is never shown as the user's mistake.

@@ -1,6 +1,7 @@
 """Errors a user can cause end in one clear line from the CLI, before any training, never a traceback."""
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -175,3 +176,18 @@ def test_the_dashed_spelling_of_a_flag_is_the_same_flag(capsys):
         assert main(["train", flag]) == 0
         printed.append(capsys.readouterr().out)
     assert printed[-1] == printed[-2] and "temperature" in printed[-1]
+
+
+def test_output_cut_short_by_a_closed_pipe_ends_quietly():
+    """`distill train --help_keys | head -1`: once the reader has gone, the rest of the output has nowhere
+    to go, and that is no error: no BrokenPipeError traceback. Here the reader is gone before the first
+    write, which `head` makes likely for any output longer than the pipe holds."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        process = subprocess.run([sys.executable, "-m", "distill.cli", "train", "--help_keys"], cwd=ROOT,
+                                 stdout=writer, stderr=subprocess.PIPE, text=True, timeout=120)  # fmt: skip
+    finally:
+        os.close(writer)
+    assert process.returncode == 0, process.stderr
+    assert "Traceback" not in process.stderr and "BrokenPipe" not in process.stderr

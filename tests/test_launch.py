@@ -23,6 +23,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from distill.cli import end_process_group
+
 from conftest import ROOT
 
 HERE = Path(__file__).resolve()
@@ -355,6 +357,7 @@ def train_worker(record_dir: str, *overrides: str) -> None:
     record["student"] = type(trainer.model_wrapped).__name__  # what the optimizer steps through
     record["eval"], record["eval_before"] = metrics["eval"], metrics["eval_before"]
     Path(record_dir, f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(record))
+    end_process_group()  # as `distill train` ends
 
 
 def shard_worker(record_dir: str) -> None:
@@ -423,11 +426,7 @@ def shard_worker(record_dir: str) -> None:
     except ImportError:
         pass
     Path(record_dir, f"rank{rank}.json").write_text(json.dumps(record))
-    # Every rank done with its collectives before any tears its group down. Rank 1 aborted at exit once
-    # in CI ("terminate called without an active exception", exit -6; not reproduced in 18 runs since);
-    # tearing down while the other rank's last gloo work may be in flight is the one race in sight.
-    dist.barrier()
-    dist.destroy_process_group()
+    end_sharded_worker()
 
 
 def on_policy_fsdp_worker(record_dir: str) -> None:
@@ -480,8 +479,24 @@ def on_policy_fsdp_worker(record_dir: str) -> None:
     prompts = [6 + (step if rank == 1 else 0) - 1 for step in range(3)]  # 2 rows each
     record["computed"] = sum(2 * sampling_flops(size, width, args.max_new_tokens) for width in prompts)
     Path(record_dir, f"rank{rank}.json").write_text(json.dumps(record))
-    dist.barrier()  # as in shard_worker: no rank tears the group down under the other's last collective
-    dist.destroy_process_group()
+    end_sharded_worker()
+
+
+def end_sharded_worker() -> None:
+    """Leave a worker that sharded a model with FSDP2, once its record is written, without the
+    interpreter's finalisation.
+
+    FSDP2's DeviceMesh stays referenced from DTensor's sharding cache (not Python-visible, so neither
+    gc nor clearing the Python-side caches frees it), and the mesh holds the gloo group: its worker
+    threads outlive destroy_process_group (the same 3 extra threads before and after it, where an
+    unsharded worker has none left). A gloo thread that drops a tensor while the interpreter
+    finalises takes the GIL and is killed, "terminate called without an active exception"
+    (pytorch#190489): 1 abort in 54 shard runs under load here, twice in CI, each time after both
+    records had been written. Nothing is left to flush but the standard streams."""
+    end_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class _NoEos:
