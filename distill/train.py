@@ -168,64 +168,34 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
             else teacher_length(config.teacher_model_name_or_path, data_args.max_length)
         )
         pair = {"teacher_tokenizer": teacher_tokenizer, "teacher_max_length": cut}
-    if server is not None:
-        teacher_size = check_run(server, config, data_args, model_args, tokenizer, **pair)
+    teacher_size = None if server is None else check_run(server, config, data_args, model_args, tokenizer, **pair)
     with config.main_process_first(desc="tokenizing"):
         train_data, eval_data = build_datasets(
             data_args, tokenizer, seed=config.seed, prompts_only=config.lmbda == 1, **pair
         )
-    cross = None
+    cross = vocab_map = None
     if teacher_tokenizer is not None:
         with config.main_process_first(desc="vocabulary map"):  # the others read the map process 0 wrote
             vocab_map = run_vocab_map(config, data_args, tokenizer, teacher_tokenizer)
         cross = coverage(train_data, eval_data)
         if config.process_index == 0:
             print(coverage_line(cross, tokenizer, teacher_tokenizer), flush=True)
-    if cache is not None and cache.teacher_space:  # the student's tokenizer is not pinned; each row is found
-        cache.check(run_identity(config, data_args, None, None, None, teacher_tokenizer, cache.teacher_max_length))
+    if cache is not None:
+        if cache.teacher_space:  # the student's tokenizer is not pinned; each row is found by its teacher tokens
+            cache.check(run_identity(config, data_args, None, None, None, teacher_tokenizer, cache.teacher_max_length))
+        else:
+            cache.check(run_identity(config, data_args, tokenizer, train_data, eval_data))
         train_data, eval_data = cache.attach("train", train_data), cache.attach("eval", eval_data)
-    elif cache is not None:
-        cache.check(run_identity(config, data_args, tokenizer, train_data, eval_data))
     if config.lmbda > 0:
         prompts_of(Collator(tokenizer.pad_token_id)([train_data[0]]))  # on-policy needs prompts: not text data
 
     student = adapters.load_student(model_args, config)  # with LoRA adapters when use_peft is set
     if config.process_index == 0:
         print(adapters.trainable_parameters(student), flush=True)
-    collator = Collator(tokenizer.pad_token_id)
-    if server is not None:
-        vocab_sizes_fit(tokenizer, student)
-        if teacher_tokenizer is None:
-            teacher = ServedTeacher(server, teacher_size)
-        else:
-            teacher = ServedTeacher(server, teacher_size, vocab_map, config.xtoken_loss)
-            collator = Collator(tokenizer.pad_token_id, teacher_pad_token_id=teacher_tokenizer.pad_token_id)
-        # Asked for one batch ahead, except where they would go unread: on-policy batches are replaced
-        # after collation (their targets are asked for when they exist), and alpha 0 reads none in training.
-        if config.lmbda == 0 and config.alpha > 0:
-            collator = ServedTargetsCollator(collator, server)
-    elif cache is None:
-        teacher = load_model(
-            config.teacher_model_name_or_path, config.resolved_teacher_dtype, model_args.attn_implementation
-        )
-        if teacher_tokenizer is None:
-            vocab_sizes_fit(tokenizer, student, teacher)
-        else:
-            vocab_sizes_fit(tokenizer, student)
-            vocab_sizes_fit(teacher_tokenizer, teacher)
-            teacher = ModelTeacher(teacher, vocab_map, config.xtoken_loss, config.teacher_top_k)
-            collator = Collator(tokenizer.pad_token_id, teacher_pad_token_id=teacher_tokenizer.pad_token_id)
-    elif cache.teacher_space:
-        vocab_sizes_fit(tokenizer, student)
-        teacher = CachedTeacher(cache, vocab_map, config.xtoken_loss)
-        collator = Collator(tokenizer.pad_token_id, teacher_pad_token_id=teacher_tokenizer.pad_token_id)
-        collator = TargetsCollator(collator, cache.k, teacher_space=True)
-    else:
-        teacher = None
-        vocab_sizes_fit(tokenizer, student)
-        cache.check_student(student)
-        train_data, eval_data = cache.attach("train", train_data), cache.attach("eval", eval_data)
-        collator = TargetsCollator(collator, cache.k)
+    teacher, collator = teacher_source(
+        config, model_args, tokenizer, student, model_path=config.teacher_model_name_or_path, cache=cache,
+        server=server, size=teacher_size, teacher_tokenizer=teacher_tokenizer, vocab_map=vocab_map,
+    )  # fmt: skip
 
     # The "before" evaluation runs inside train(), once the engine has prepared the student. Called
     # before train(), evaluate() prepares the student for evaluation only: accelerate then never
@@ -386,44 +356,15 @@ def run_several(recipe: dict, config, data_args, model_args, resume: str | None,
     student = adapters.load_student(model_args, config)
     if config.process_index == 0:
         print(adapters.trainable_parameters(student), flush=True)
-    pad = tokenizer.pad_token_id
     sources, per_teacher = [], []
     for i, entry in enumerate(config.teachers):
-        if i in servers:
-            vocab_sizes_fit(tokenizer, student)
-            server = servers[i][0]
-            if i in other:
-                sources.append(ServedTeacher(server, sizes[i], vocab_maps[i], config.xtoken_loss))
-                collate = Collator(pad, teacher_pad_token_id=other[i].pad_token_id)
-            else:
-                sources.append(ServedTeacher(server, sizes[i]))
-                collate = Collator(pad)
-            # One batch ahead, as for one served teacher (not where the targets would go unread).
-            per_teacher.append(
-                ServedTargetsCollator(collate, server) if config.lmbda == 0 and config.alpha > 0 else collate
-            )
-            continue
-        if i in caches:
-            vocab_sizes_fit(tokenizer, student)
-            if caches[i].teacher_space:
-                sources.append(CachedTeacher(caches[i], vocab_maps[i], config.xtoken_loss))
-                collate = Collator(pad, teacher_pad_token_id=other[i].pad_token_id)
-                per_teacher.append(TargetsCollator(collate, caches[i].k, teacher_space=True))
-            else:
-                caches[i].check_student(student)
-                sources.append(CachedTeacher(caches[i]))
-                per_teacher.append(TargetsCollator(Collator(pad), caches[i].k))
-            continue
-        model = load_model(entry, config.resolved_teacher_dtype, model_args.attn_implementation)
-        if i in other:
-            vocab_sizes_fit(tokenizer, student)
-            vocab_sizes_fit(other[i], model)
-            sources.append(ModelTeacher(model, vocab_maps[i], config.xtoken_loss, config.teacher_top_k))
-            per_teacher.append(Collator(pad, teacher_pad_token_id=other[i].pad_token_id))
-        else:
-            vocab_sizes_fit(tokenizer, student, model)
-            sources.append(ModelTeacher(model))
-            per_teacher.append(Collator(pad))
+        source, collator = teacher_source(
+            config, model_args, tokenizer, student, model_path=entry, cache=caches.get(i),
+            server=servers[i][0] if i in servers else None, size=sizes.get(i), teacher_tokenizer=other.get(i),
+            vocab_map=vocab_maps.get(i),
+        )  # fmt: skip
+        sources.append(source)
+        per_teacher.append(collator)
 
     config.eval_on_start = eval_data is not None and not resume
     trainer = DistillTrainer(
@@ -433,10 +374,41 @@ def run_several(recipe: dict, config, data_args, model_args, resume: str | None,
         train_dataset=train_data,
         eval_dataset=eval_data,
         processing_class=tokenizer,
-        data_collator=TeachersCollator(Collator(pad), per_teacher),
+        data_collator=TeachersCollator(Collator(tokenizer.pad_token_id), per_teacher),
     )
     extra = {"cross_tokenizer_teachers": {config.teachers[i]: c for i, c in cross.items()}} if cross else None
     return train_and_save(trainer, recipe, resume, summary, extra)
+
+
+def teacher_source(config, model_args, tokenizer, student, *, model_path, cache, server, size, teacher_tokenizer,
+                   vocab_map):  # fmt: skip
+    """One teacher's source of targets (distill.teacher) and the collator of its side of a batch, from what
+    the checks found: a vLLM ``server`` (``size``: its model's), a ``cache``, or else the model at
+    ``model_path``, loaded here; ``teacher_tokenizer`` and ``vocab_map`` where its tokenizer is not the
+    student's. The vocabulary checks run here, once the student is loaded."""
+    pad = tokenizer.pad_token_id
+    cross = teacher_tokenizer is not None
+    collator = Collator(pad, teacher_pad_token_id=teacher_tokenizer.pad_token_id) if cross else Collator(pad)
+    mapped = (vocab_map, config.xtoken_loss) if cross else ()
+    if server is not None:
+        vocab_sizes_fit(tokenizer, student)
+        # Asked for one batch ahead, except where they would go unread: on-policy batches are replaced
+        # after collation (their targets are asked for when they exist), and alpha 0 reads none in training.
+        if config.lmbda == 0 and config.alpha > 0:
+            collator = ServedTargetsCollator(collator, server)
+        return ServedTeacher(server, size, *mapped), collator
+    if cache is not None:
+        vocab_sizes_fit(tokenizer, student)
+        if not cross:
+            cache.check_student(student)
+        return CachedTeacher(cache, *mapped), TargetsCollator(collator, cache.k, teacher_space=cross)
+    model = load_model(model_path, config.resolved_teacher_dtype, model_args.attn_implementation)
+    if not cross:
+        vocab_sizes_fit(tokenizer, student, model)
+        return ModelTeacher(model), collator
+    vocab_sizes_fit(tokenizer, student)
+    vocab_sizes_fit(teacher_tokenizer, model)
+    return ModelTeacher(model, vocab_map, config.xtoken_loss, config.teacher_top_k), collator
 
 
 def as_teacher(config, **keys):
