@@ -407,17 +407,21 @@ def hybrid_divergence(log_s: torch.Tensor, targets: TopKTargets, exact_student_o
         + sum_{r < k - |E|} |p_S^(r) - p_T^(r)|     over the teacher's top-k ids outside E and the
                                                     student's ids other than the s(t), each sorted
     """
-    k = targets.ids.shape[-1]
+    (n, k), v = targets.ids.shape, log_s.shape[-1]
     log_t = targets.logprobs.float()
     twin = exact_student_of[targets.ids.long()]
     exact = twin.ge(0)
-    twin = twin.clamp(min=0)
-    log_s_k, log_t_k = torch.where(exact, log_s.gather(-1, twin), 0.0), torch.where(exact, log_t, 0.0)
-    # scatter_add, not scatter: several slots may write index 0, and a sum has one answer.
-    matched = torch.zeros_like(log_s).scatter_add(-1, twin, exact.to(log_s.dtype)).gt(0)
-    rest_log_s = log_s.masked_fill(matched, _NEG_INF)
+    log_s_k = torch.where(exact, log_s.gather(-1, twin.clamp(min=0)), 0.0)
+    log_t_k = torch.where(exact, log_t, 0.0)
+    # Every slot writes True, an inexact one into a spare last column: where several slots write one
+    # index they write the same value, so the scatter has one answer.
+    matched = torch.zeros(n, v + 1, dtype=torch.bool, device=log_s.device)
+    matched = matched.scatter_(-1, torch.where(exact, twin, v), True)[:, :v]
+    # The lowest finite value, not -inf: a row with every id matched then has a finite logsumexp and
+    # gradient (discarded below), where -inf would give NaN; elsewhere exp() of it is exactly 0.
+    rest_log_s = log_s.masked_fill(matched, torch.finfo(log_s.dtype).min)
     has_rest = ~matched.all(-1)
-    rest_s = torch.where(has_rest[:, None], rest_log_s, 0.0).logsumexp(-1)
+    rest_s = rest_log_s.logsumexp(-1)
     rest_t = torch.cat([targets.tail.float().unsqueeze(-1), log_t.masked_fill(exact, _NEG_INF)], -1).logsumexp(-1)
     rest_s, rest_t = torch.where(has_rest, rest_s, 0.0), torch.where(has_rest, rest_t, 0.0)
     div = divergence(
