@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -99,7 +100,23 @@ def save_run_files(output_dir: str, recipe: dict, metrics: dict) -> None:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
 
 
+@dataclass
+class Teacher:
+    """One teacher as the checks found it, before any data or weights are read."""
+
+    model: str | None  # its model's path or hub id (a served teacher: the model served; a cache: if named)
+    cache: TeacherCache | None = None
+    server: TeacherServer | None = None
+    tokenizer: object = None  # its tokenizer, where it is not the student's
+    cut: int | None = None  # where its side of a row is cut, with another tokenizer
+    size: object = None  # a served teacher's ModelSize (teacher_server.check_run)
+
+
 def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
+    """`distill train`: one teacher (``teacher_model_name_or_path``, ``teacher_cache`` or ``teacher_server``)
+    or several (``teachers:``, each a model, a cache or a server URL), on one path. Several teachers' columns
+    and batch keys are named ``name@i`` (distill.data.own_keys), one vocabulary map per teacher with another
+    tokenizer (``vocab_map_i.safetensors``), one bill line each; one teacher keeps the plain names."""
     recipe = load_recipe(recipe_path, overrides)
     model_args, data_args, config = parse(recipe, ARGUMENTS)
     resume = resume_checkpoint(config)
@@ -109,25 +126,14 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     resolve(model_args.model_name_or_path)
     sampled = config.max_new_tokens if config.lmbda > 0 else 0  # on-policy rows: a prompt + the student's sample
     check_max_length(model_args.model_name_or_path, data_args.max_length, "student", sampled)
-    if config.teachers:
-        return run_several(recipe, config, data_args, model_args, resume, sampled)
-    if config.teacher_cache and config.teacher_server:
-        raise UserError(
-            "teacher_cache and teacher_server are both set, and training reads its targets from one: drop "
-            "teacher_server to train from the cache (`distill cache-teacher` is what fills a cache from a server)"
-        )
+    several = bool(config.teachers)
     # With a teacher cache or server no teacher is loaded, or even needs to be on this machine.
-    cache = TeacherCache(config.teacher_cache) if config.teacher_cache else None
-    server = None
-    if config.teacher_server:
-        server = TeacherServer.of_recipe(config)
-    elif cache is None:
-        resolve(config.teacher_model_name_or_path)
-        check_max_length(config.teacher_model_name_or_path, data_args.max_length, "teacher", sampled)
+    if several:
+        if config.use_vllm:
+            raise UserError("use_vllm with several teachers is not implemented; sample with generate (use_vllm: false)")
+        teachers = [listed_teacher(config, data_args, entry, sampled) for entry in config.teachers]
     else:
-        note = cache.check_teacher(config.teacher_model_name_or_path, config.resolved_teacher_dtype)
-        if note and config.process_index == 0:
-            print(note, flush=True)
+        teachers = [one_teacher(config, data_args, sampled)]
 
     if config.hidden_loss_weight > 0:  # the layer map against both configs, before any weight loads
         student_dir = resolve(model_args.model_name_or_path)[0]
@@ -149,53 +155,72 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         student_server.check(model_args.model_name_or_path)
 
     tokenizer = load_tokenizer(model_args.model_name_or_path)
-    teacher_tokenizer = None  # set when the teacher's tokenizer (live or served) is another one (distill.xtoken)
-    if cache is None:  # a served teacher's tokenizer files are read too; its weights need not be here
-        load = load_tokenizer if server is None else served_tokenizer
-        teacher_tokenizer = load(config.teacher_model_name_or_path)
-        if teacher_tokenizer is None or same_tokenizer(tokenizer, teacher_tokenizer):
-            teacher_tokenizer = None
-        else:
-            check_cross_tokenizer(config, tokenizer, teacher_tokenizer)
-    elif cache.teacher_space:  # its teacher's tokenizer and cut are the cache's: no teacher needed here
-        teacher_tokenizer = cache.teacher_tokenizer()
-        check_cross_tokenizer(config, tokenizer, teacher_tokenizer)
-    pair = {}
-    if teacher_tokenizer is not None:
-        cut = (
-            cache.teacher_max_length
-            if cache is not None
-            else teacher_length(config.teacher_model_name_or_path, data_args.max_length)
-        )
-        pair = {"teacher_tokenizer": teacher_tokenizer, "teacher_max_length": cut}
-    teacher_size = None if server is None else check_run(server, config, data_args, model_args, tokenizer, **pair)
+    for teacher in teachers:
+        find_tokenizer(config, data_args, tokenizer, teacher)
+    for teacher in teachers:
+        if teacher.server is not None:
+            pair = (
+                {"teacher_tokenizer": teacher.tokenizer, "teacher_max_length": teacher.cut} if teacher.tokenizer else {}
+            )
+            named = as_teacher(config, teacher_model_name_or_path=teacher.model)
+            teacher.size = check_run(teacher.server, named, data_args, model_args, tokenizer, **pair)
+
+    # Each teacher with another tokenizer adds its side of every row (the student's side is the same in each).
+    build = {"seed": config.seed, "prompts_only": config.lmbda == 1}
+    other = [i for i, t in enumerate(teachers) if t.tokenizer is not None]
+    cross, vocab_maps = {}, {}
     with config.main_process_first(desc="tokenizing"):
-        train_data, eval_data = build_datasets(
-            data_args, tokenizer, seed=config.seed, prompts_only=config.lmbda == 1, **pair
-        )
-    cross = vocab_map = None
-    if teacher_tokenizer is not None:
+        if not other:
+            train_data, eval_data = build_datasets(data_args, tokenizer, **build)
+        for i in other:
+            pair = {"teacher_tokenizer": teachers[i].tokenizer, "teacher_max_length": teachers[i].cut}
+            pair_train, pair_eval = build_datasets(data_args, tokenizer, **build, **pair)
+            cross[i] = coverage(pair_train, pair_eval)
+            if several:
+                pair_train, pair_eval = (
+                    None if d is None else d.rename_columns({k: keyed(k, i) for k in TEACHER_COLUMNS})
+                    for d in (pair_train, pair_eval)
+                )
+            if i == other[0]:
+                train_data, eval_data = pair_train, pair_eval
+            else:
+                train_data, eval_data = _with_columns(train_data, eval_data, pair_train, pair_eval, i)
+    for i in other:
+        name = f"vocab_map_{i}.safetensors" if several else VOCAB_MAP
         with config.main_process_first(desc="vocabulary map"):  # the others read the map process 0 wrote
-            vocab_map = run_vocab_map(config, data_args, tokenizer, teacher_tokenizer)
-        cross = coverage(train_data, eval_data)
+            vocab_maps[i] = run_vocab_map(config, data_args, tokenizer, teachers[i].tokenizer, name)
         if config.process_index == 0:
-            print(coverage_line(cross, tokenizer, teacher_tokenizer), flush=True)
-    if cache is not None:
+            line = coverage_line(cross[i], tokenizer, teachers[i].tokenizer)
+            if several:
+                line = f"distill: teacher {i} ({config.teachers[i]}): " + line.removeprefix("distill: ")
+            print(line, flush=True)
+    rows = {"train": train_data, "eval": eval_data}  # before any cache wraps them
+    for i, teacher in enumerate(teachers):
+        cache = teacher.cache
+        if cache is None:
+            continue
         if cache.teacher_space:  # the student's tokenizer is not pinned; each row is found by its teacher tokens
-            cache.check(run_identity(config, data_args, None, None, None, teacher_tokenizer, cache.teacher_max_length))
+            cache.check(run_identity(config, data_args, None, None, None, teacher.tokenizer, cache.teacher_max_length))
         else:
-            cache.check(run_identity(config, data_args, tokenizer, train_data, eval_data))
-        train_data, eval_data = cache.attach("train", train_data), cache.attach("eval", eval_data)
+            cache.check(run_identity(config, data_args, tokenizer, rows["train"], rows["eval"]))
+        suffix = i if several else None  # one teacher's keys keep their plain names
+        column, key = keyed("teacher_input_ids", suffix), keyed("teacher_targets", suffix)
+        train_data = cache.attach("train", train_data, key, column, rows["train"])
+        eval_data = cache.attach("eval", eval_data, key, column, rows["eval"])
     if config.lmbda > 0:
         prompts_of(Collator(tokenizer.pad_token_id)([train_data[0]]))  # on-policy needs prompts: not text data
 
     student = adapters.load_student(model_args, config)  # with LoRA adapters when use_peft is set
     if config.process_index == 0:
         print(adapters.trainable_parameters(student), flush=True)
-    teacher, collator = teacher_source(
-        config, model_args, tokenizer, student, model_path=config.teacher_model_name_or_path, cache=cache,
-        server=server, size=teacher_size, teacher_tokenizer=teacher_tokenizer, vocab_map=vocab_map,
-    )  # fmt: skip
+    sources, collators = [], []
+    for i, teacher in enumerate(teachers):
+        source, collator = teacher_source(
+            config, model_args, tokenizer, student, model_path=teacher.model, cache=teacher.cache,
+            server=teacher.server, size=teacher.size, teacher_tokenizer=teacher.tokenizer, vocab_map=vocab_maps.get(i),
+        )  # fmt: skip
+        sources.append(source)
+        collators.append(collator)
 
     # The "before" evaluation runs inside train(), once the engine has prepared the student. Called
     # before train(), evaluate() prepares the student for evaluation only: accelerate then never
@@ -204,16 +229,80 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     config.eval_on_start = eval_data is not None and not resume
     trainer = DistillTrainer(
         model=student,
-        teacher=teacher,
+        teacher=sources if several else sources[0],
         args=config,
         train_dataset=train_data,
         eval_dataset=eval_data,
         processing_class=tokenizer,
-        data_collator=collator,
+        data_collator=TeachersCollator(Collator(tokenizer.pad_token_id), collators) if several else collators[0],
         student_server=student_server,
     )
-    extra = {"cross_tokenizer": cross} if cross else None
+    extra = None
+    if cross and several:
+        extra = {"cross_tokenizer_teachers": {config.teachers[i]: c for i, c in cross.items()}}
+    elif cross:
+        extra = {"cross_tokenizer": cross[0]}
     return train_and_save(trainer, recipe, resume, summary, extra)
+
+
+def one_teacher(config, data_args, sampled: int) -> Teacher:
+    """The recipe's one teacher: a cache, a vLLM server or a model."""
+    if config.teacher_cache and config.teacher_server:
+        raise UserError(
+            "teacher_cache and teacher_server are both set, and training reads its targets from one: drop "
+            "teacher_server to train from the cache (`distill cache-teacher` is what fills a cache from a server)"
+        )
+    if config.teacher_server:
+        return Teacher(config.teacher_model_name_or_path, server=TeacherServer.of_recipe(config))
+    if config.teacher_cache:
+        cache = TeacherCache(config.teacher_cache)
+        note = cache.check_teacher(config.teacher_model_name_or_path, config.resolved_teacher_dtype)
+        if note and config.process_index == 0:
+            print(note, flush=True)
+        return Teacher(config.teacher_model_name_or_path, cache=cache)
+    resolve(config.teacher_model_name_or_path)
+    check_max_length(config.teacher_model_name_or_path, data_args.max_length, "teacher", sampled)
+    return Teacher(config.teacher_model_name_or_path)
+
+
+def listed_teacher(config, data_args, entry: str, sampled: int) -> Teacher:
+    """One entry of ``teachers:``: a vLLM server's URL, a cache directory, or a model."""
+    if entry.startswith(("http://", "https://")):
+        server = TeacherServer.of_recipe(as_teacher(config, teacher_server=entry))
+        served = server.models()
+        if len(served) != 1:
+            raise UserError(
+                f"teachers: {entry} serves {len(served)} models; a teacher's server must serve one (its config "
+                "and tokenizer are read here for the bill and the data)"
+            )
+        name = str(served[0].get("root") or served[0].get("id"))
+        resolve(name)  # its config.json (and tokenizer files) must be readable here; not its weights
+        return Teacher(name, server=server)
+    if (Path(entry) / MANIFEST).is_file():
+        if config.lmbda > 0:
+            raise UserError(
+                f"teachers: {entry} is a cache, and lmbda > 0 needs teachers that grade the student's own "
+                "samples; list the teacher's model instead"
+            )
+        return Teacher(None, cache=TeacherCache(entry))
+    resolve(entry)
+    check_max_length(entry, data_args.max_length, f"teacher {entry}", sampled)
+    return Teacher(entry)
+
+
+def find_tokenizer(config, data_args, tokenizer, teacher: Teacher) -> None:
+    """Sets ``teacher.tokenizer`` (and its cut) where it is not the student's: a served teacher's tokenizer
+    files are read too (its weights need not be here); a teacher-space cache's is the one it saved, with
+    its cut; a same-space cache has the student's."""
+    if teacher.cache is not None:
+        if teacher.cache.teacher_space:
+            teacher.tokenizer, teacher.cut = teacher.cache.teacher_tokenizer(), teacher.cache.teacher_max_length
+    else:
+        theirs = (load_tokenizer if teacher.server is None else served_tokenizer)(teacher.model)
+        if theirs is not None and not same_tokenizer(tokenizer, theirs):
+            teacher.tokenizer, teacher.cut = theirs, teacher_length(teacher.model, data_args.max_length)
+    if teacher.tokenizer is not None:
+        check_cross_tokenizer(config, tokenizer, teacher.tokenizer)
 
 
 def check_cross_tokenizer(config, tokenizer, teacher_tokenizer) -> None:
@@ -252,132 +341,6 @@ def run_vocab_map(config, data_args, tokenizer, teacher_tokenizer, name: str = V
         path.parent.mkdir(parents=True, exist_ok=True)
         vocab_map.save(path)
     return vocab_map
-
-
-def run_several(recipe: dict, config, data_args, model_args, resume: str | None, sampled: int) -> dict:
-    """`distill train` with ``teachers:``: each a model run here (its tokenizer may differ from the
-    student's), a cache or a vLLM server, checked in the order of one teacher's, cheapest first; their columns and
-    batch keys named ``name@i`` (distill.data.own_keys), one vocabulary map per teacher with another
-    tokenizer (``vocab_map_i.safetensors``), one bill line each."""
-    if config.use_vllm:
-        raise UserError("use_vllm with several teachers is not implemented; sample with generate (use_vllm: false)")
-    caches, servers = {}, {}  # teacher index -> its cache; -> (its server, the model it serves)
-    for i, entry in enumerate(config.teachers):
-        if entry.startswith(("http://", "https://")):
-            server = TeacherServer.of_recipe(as_teacher(config, teacher_server=entry))
-            served = server.models()
-            if len(served) != 1:
-                raise UserError(
-                    f"teachers: {entry} serves {len(served)} models; a teacher's server must serve one (its config "
-                    "and tokenizer are read here for the bill and the data)"
-                )
-            name = str(served[0].get("root") or served[0].get("id"))
-            resolve(name)  # its config.json (and tokenizer files) must be readable here; not its weights
-            servers[i] = (server, name)
-        elif (Path(entry) / MANIFEST).is_file():
-            if config.lmbda > 0:
-                raise UserError(
-                    f"teachers: {entry} is a cache, and lmbda > 0 needs teachers that grade the student's own "
-                    "samples; list the teacher's model instead"
-                )
-            caches[i] = TeacherCache(entry)
-        else:
-            resolve(entry)
-            check_max_length(entry, data_args.max_length, f"teacher {entry}", sampled)
-
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
-    other = {}  # teacher index -> its tokenizer, where it is not the student's
-    for i, entry in enumerate(config.teachers):
-        if i in servers:
-            teacher_tokenizer = served_tokenizer(servers[i][1])
-        elif i in caches:
-            if caches[i].teacher_space:  # its targets are on its teacher's tokens, whatever the student's
-                other[i] = caches[i].teacher_tokenizer()
-                check_cross_tokenizer(config, tokenizer, other[i])
-            continue
-        else:
-            teacher_tokenizer = load_tokenizer(entry)
-        if teacher_tokenizer is not None:
-            if not same_tokenizer(tokenizer, teacher_tokenizer):
-                check_cross_tokenizer(config, tokenizer, teacher_tokenizer)
-                other[i] = teacher_tokenizer
-
-    def cut(i: int) -> int:  # where teacher i's side of a row is cut (a teacher-space cache: where it was)
-        if i in caches:
-            return caches[i].teacher_max_length
-        return teacher_length(servers[i][1] if i in servers else config.teachers[i], data_args.max_length)
-
-    # Each teacher with another tokenizer adds its side of every row (the student's side is the same in each).
-    build = {"seed": config.seed, "prompts_only": config.lmbda == 1}
-    cross, vocab_maps = {}, {}
-    with config.main_process_first(desc="tokenizing"):
-        if not other:
-            train_data, eval_data = build_datasets(data_args, tokenizer, **build)
-        for i, teacher_tokenizer in other.items():
-            pair = {"teacher_tokenizer": teacher_tokenizer, "teacher_max_length": cut(i)}
-            pair_train, pair_eval = build_datasets(data_args, tokenizer, **build, **pair)
-            cross[i] = coverage(pair_train, pair_eval)
-            pair_train, pair_eval = (
-                None if d is None else d.rename_columns({k: keyed(k, i) for k in TEACHER_COLUMNS})
-                for d in (pair_train, pair_eval)
-            )
-            if i == min(other):
-                train_data, eval_data = pair_train, pair_eval
-            else:
-                train_data, eval_data = _with_columns(train_data, eval_data, pair_train, pair_eval, i)
-    for i, teacher_tokenizer in other.items():
-        with config.main_process_first(desc="vocabulary map"):
-            vocab_maps[i] = run_vocab_map(config, data_args, tokenizer, teacher_tokenizer, f"vocab_map_{i}.safetensors")
-        if config.process_index == 0:
-            print(
-                f"distill: teacher {i} ({config.teachers[i]}): "
-                + coverage_line(cross[i], tokenizer, teacher_tokenizer).removeprefix("distill: "),
-                flush=True,
-            )
-    sizes = {}
-    for i, (server, name) in servers.items():
-        pair = {}
-        if i in other:
-            pair = {"teacher_tokenizer": other[i], "teacher_max_length": cut(i)}
-        sizes[i] = check_run(server, as_teacher(config, teacher_model_name_or_path=name), data_args, model_args,
-                             tokenizer, **pair)  # fmt: skip
-    rows = {"train": train_data, "eval": eval_data}  # before any cache wraps them
-    for i, cache in caches.items():
-        if cache.teacher_space:
-            cache.check(run_identity(config, data_args, None, None, None, other[i], cache.teacher_max_length))
-        else:
-            cache.check(run_identity(config, data_args, tokenizer, rows["train"], rows["eval"]))
-        column, key = keyed("teacher_input_ids", i), keyed("teacher_targets", i)
-        train_data = cache.attach("train", train_data, key, column, rows["train"])
-        eval_data = cache.attach("eval", eval_data, key, column, rows["eval"])
-    if config.lmbda > 0:
-        prompts_of(Collator(tokenizer.pad_token_id)([train_data[0]]))
-
-    student = adapters.load_student(model_args, config)
-    if config.process_index == 0:
-        print(adapters.trainable_parameters(student), flush=True)
-    sources, per_teacher = [], []
-    for i, entry in enumerate(config.teachers):
-        source, collator = teacher_source(
-            config, model_args, tokenizer, student, model_path=entry, cache=caches.get(i),
-            server=servers[i][0] if i in servers else None, size=sizes.get(i), teacher_tokenizer=other.get(i),
-            vocab_map=vocab_maps.get(i),
-        )  # fmt: skip
-        sources.append(source)
-        per_teacher.append(collator)
-
-    config.eval_on_start = eval_data is not None and not resume
-    trainer = DistillTrainer(
-        model=student,
-        teacher=sources,
-        args=config,
-        train_dataset=train_data,
-        eval_dataset=eval_data,
-        processing_class=tokenizer,
-        data_collator=TeachersCollator(Collator(tokenizer.pad_token_id), per_teacher),
-    )
-    extra = {"cross_tokenizer_teachers": {config.teachers[i]: c for i, c in cross.items()}} if cross else None
-    return train_and_save(trainer, recipe, resume, summary, extra)
 
 
 def teacher_source(config, model_args, tokenizer, student, *, model_path, cache, server, size, teacher_tokenizer,
