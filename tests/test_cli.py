@@ -191,3 +191,19 @@ def test_output_cut_short_by_a_closed_pipe_ends_quietly():
         os.close(writer)
     assert process.returncode == 0, process.stderr
     assert "Traceback" not in process.stderr and "BrokenPipe" not in process.stderr
+
+
+def test_a_launched_job_that_succeeded_destroys_its_process_group_and_one_that_failed_leaves_it(tmp_path):
+    """A group left to the interpreter's exit keeps its worker threads into finalisation (end_process_group);
+    after a failure another process may still be inside a collective, so the launcher stops them instead."""
+    import torch.distributed as dist
+
+    plan = ["cost", "--student", "135M", "--teacher", "1.7B", "--tokens", "1B"]
+    for job, code, left in ((plan, 0, False), ([*plan[:-1], "many"], 2, True)):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / job[-1]}", rank=0, world_size=1)
+        try:
+            assert main(job) == code
+            assert dist.is_initialized() is left
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()

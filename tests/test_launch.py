@@ -11,6 +11,7 @@ through `accelerate launch --config_file recipes/accelerate/zero3.yaml` (DeepSpe
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -357,7 +358,12 @@ def train_worker(record_dir: str, *overrides: str) -> None:
     record["student"] = type(trainer.model_wrapped).__name__  # what the optimizer steps through
     record["eval"], record["eval_before"] = metrics["eval"], metrics["eval_before"]
     Path(record_dir, f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(record))
-    end_process_group()  # as `distill train` ends
+    # As `distill train` ends, where no trainer is left: its DDP model holds the process group, whose gloo
+    # threads would otherwise outlive destroy_process_group into finalisation (see end_sharded_worker).
+    del trainer, teacher
+    trainers.clear()
+    gc.collect()
+    end_process_group()
 
 
 def shard_worker(record_dir: str) -> None:
