@@ -320,8 +320,9 @@ class CachedTeacher:
         self.cache, self.vocab_map, self.method = cache, vocab_map, method
 
     def attach(self, trainer) -> None:
-        # At alpha 0 training reads no targets (only evaluation does): the build is not this run's bill.
-        if trainer.cost and trainer.args.alpha > 0:
+        # At alpha 0, or at weight 0 among several, training reads no targets (only evaluation does):
+        # the build is not this run's bill.
+        if trainer.cost and trainer.trains_on(self):
             trainer.cost.teacher_cache_read(self.cache.manifest["teacher_cost"]["train"], self.role)
 
     def targets(self, inputs: dict, chunked: bool, cost=None) -> TopK | CrossTopK:

@@ -214,10 +214,12 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     if config.process_index == 0:
         print(adapters.trainable_parameters(student), flush=True)
     sources, collators = [], []
+    weights = config.teacher_weights if several and config.teacher_weights else [1.0] * len(teachers)
     for i, teacher in enumerate(teachers):
         source, collator = teacher_source(
             config, model_args, tokenizer, student, model_path=teacher.model, cache=teacher.cache,
             server=teacher.server, size=teacher.size, teacher_tokenizer=teacher.tokenizer, vocab_map=vocab_maps.get(i),
+            weight=weights[i],
         )  # fmt: skip
         sources.append(source)
         collators.append(collator)
@@ -344,11 +346,11 @@ def run_vocab_map(config, data_args, tokenizer, teacher_tokenizer, name: str = V
 
 
 def teacher_source(config, model_args, tokenizer, student, *, model_path, cache, server, size, teacher_tokenizer,
-                   vocab_map):  # fmt: skip
+                   vocab_map, weight: float = 1.0):  # fmt: skip
     """One teacher's source of targets (distill.teacher) and the collator of its side of a batch, from what
     the checks found: a vLLM ``server`` (``size``: its model's), a ``cache``, or else the model at
     ``model_path``, loaded here; ``teacher_tokenizer`` and ``vocab_map`` where its tokenizer is not the
-    student's. The vocabulary checks run here, once the student is loaded."""
+    student's; ``weight`` its weight among several. The vocabulary checks run here, once the student is loaded."""
     pad = tokenizer.pad_token_id
     cross = teacher_tokenizer is not None
     collator = Collator(pad, teacher_pad_token_id=teacher_tokenizer.pad_token_id) if cross else Collator(pad)
@@ -356,8 +358,9 @@ def teacher_source(config, model_args, tokenizer, student, *, model_path, cache,
     if server is not None:
         vocab_sizes_fit(tokenizer, student)
         # Asked for one batch ahead, except where they would go unread: on-policy batches are replaced
-        # after collation (their targets are asked for when they exist), and alpha 0 reads none in training.
-        if config.lmbda == 0 and config.alpha > 0:
+        # after collation (their targets are asked for when they exist), and alpha 0 or weight 0 reads
+        # none in training.
+        if config.lmbda == 0 and config.alpha > 0 and weight > 0:
             collator = ServedTargetsCollator(collator, server)
         return ServedTeacher(server, size, *mapped), collator
     if cache is not None:

@@ -136,9 +136,9 @@ class DistillTrainer(MeteredTrainer):
                     s.role: {"name": names[i] if names else s.role, "weight": w, "cache": None}
                     for i, (s, w) in enumerate(zip(sources, self._weights))
                 }
+        self.teachers = sources
         for source in sources:
             source.attach(self)
-        self.teachers = sources
         self.teacher = sources[0]  # the teacher, when there is one
         # The chunked loss reads the output layers' weights whole, outside their forward; the
         # sharding engines only gather them inside it.
@@ -385,6 +385,8 @@ class DistillTrainer(MeteredTrainer):
             parts = []
             cost = None if evaluating else self.cost
             for i, (weight, source) in enumerate(zip(self._weights, self.teachers)):
+                if not evaluating and not self.trains_on(source):
+                    continue  # weight 0: a term of the loss times 0, not worth its forward
                 view = own_keys(inputs, i if self._several else None)
                 try:
                     if term is None:
@@ -398,6 +400,12 @@ class DistillTrainer(MeteredTrainer):
         hidden = term(student_states, parts[0][2].layers, labels, num_items_in_batch) if term else out.kd.new_zeros(())
         agreement = [t.agreement(*self._top1(student, t), labels) for _, _, t in parts] if evaluating else None
         return out, kds, outputs, agreement, student, parts, hidden
+
+    def trains_on(self, source) -> bool:
+        """Whether training reads ``source``'s targets: not for a teacher of weight 0 (evaluation still
+        does, for its agreement and KL), nor for any at alpha 0 without a hidden-state term."""
+        weight = self._weights[self.teachers.index(source)]
+        return weight > 0 and (self.args.alpha > 0 or self.args.hidden_loss_weight > 0)
 
     def _mixed_loss(self, student: tuple, parts: list, labels, kw: dict, bill: bool, tag: str = ""):
         """(the loss against every teacher, weighted: sum_i w_i (alpha KD_i + (1 - alpha) CE), which with

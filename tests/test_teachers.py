@@ -52,8 +52,9 @@ def losses(run_dir) -> list[tuple]:
 )
 def test_two_teachers_weighted_one_and_zero_train_exactly_as_the_first_alone(tmp_path, first, second):
     """Weights (1, 0): the same losses, held-out numbers and trained student as the first teacher alone;
-    the first teacher's bill line is what the single run measured, and the lines add up to the teacher's
-    total."""
+    the first teacher's bill line is what the single run measured, the second's what it costs alone at
+    alpha 0 (it runs in evaluation only, which the training bill does not count), and the lines add up
+    to the teacher's total."""
     one = train.run(recipe(tmp_path, "one", teacher_model_name_or_path=first))
     two = train.run(recipe(tmp_path, "two", teachers=[first, second], teacher_weights=[1.0, 0.0]))
     assert losses(tmp_path / "two") == losses(tmp_path / "one")
@@ -72,7 +73,9 @@ def test_two_teachers_weighted_one_and_zero_train_exactly_as_the_first_alone(tmp
     lines = several["teachers"]
     assert [t["name"] for t in lines] == [first, second] and [t["weight"] for t in lines] == [1.0, 0.0]
     assert lines[0]["flops"] == single["flops"]["teacher"] > 0
-    assert lines[1]["flops"] > 0  # a teacher of weight 0 still runs (and is billed)
+    train.run(recipe(tmp_path, "eval_only", teacher_model_name_or_path=second, alpha=0.0))
+    eval_only = json.loads((tmp_path / "eval_only" / "cost_report.json").read_text())["flops"]["teacher"]
+    assert lines[1]["flops"] == eval_only == 0  # the bill is training's; it never ran there
     assert several["flops"]["teacher"] == lines[0]["flops"] + lines[1]["flops"]
     assert several["teacher_source"] == "several"
 
@@ -115,6 +118,24 @@ def test_the_loss_of_two_teachers_is_the_weighted_sum_of_each_teachers_loss(tmp_
     torch.testing.assert_close(mixed.ce, a.ce)
     torch.testing.assert_close(torch.stack(kds), torch.stack([a.kd, b.kd]))
     assert not torch.isclose(a.kd, b.kd)  # the two teachers differ, so the weights matter
+
+
+def test_a_cache_of_weight_zero_is_not_billed_its_build(tmp_path):
+    """Training never reads a weight-0 teacher's targets, so a cache at weight 0 bills none of its build
+    (as a cache at alpha 0); the model beside it is billed as when alone."""
+    cache = tmp_path / "cache"
+    assert main(["cache-teacher", recipe(tmp_path, "c", teacher_model_name_or_path=TEACHER), "--teacher_cache",
+                 str(cache), "--teacher_top_k", "8"]) == 0  # fmt: skip
+    train.run(recipe(tmp_path, "two", teachers=[str(cache), STUDENT], teacher_weights=[0.0, 1.0], teacher_top_k=8))
+    train.run(recipe(tmp_path, "one", teacher_model_name_or_path=STUDENT, teacher_top_k=8))
+    train.run(recipe(tmp_path, "alpha0", teacher_cache=str(cache), teacher_top_k=8, alpha=0.0))
+    report, one, alpha0 = (
+        json.loads((tmp_path / d / "cost_report.json").read_text()) for d in ("two", "one", "alpha0")
+    )
+    cached, model = report["teachers"]
+    assert cached["flops"] == alpha0["flops"]["teacher"]
+    assert model["flops"] == one["flops"]["teacher"] > 0
+    assert losses(tmp_path / "two") == losses(tmp_path / "one")
 
 
 def test_a_cache_and_a_model_train_together_each_billed_its_way(tmp_path):

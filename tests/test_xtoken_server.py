@@ -320,3 +320,32 @@ def test_a_cache_filled_from_a_served_cross_tokenizer_teacher_holds_the_live_tea
                                  "--output_dir", str(tmp_path / "out"), "--logging_steps", "1", *common])  # fmt: skip
     history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
     assert metrics["global_step"] == 2 and all(math.isfinite(h["kd_loss"]) for h in history if "kd_loss" in h)
+
+
+def test_a_served_teacher_of_weight_zero_is_asked_nothing_in_training(tmp_path, served):
+    """`teachers: [URL, a model]` with weights (0, 1): training never reads the served teacher's targets, so
+    it asks the server for none (not even one batch ahead) and its bill line is empty, as a served
+    teacher's at alpha 0; the server still answers the checks before training."""
+    import yaml
+
+    base = yaml.safe_load((ROOT / "recipes" / "tiny_cpu_xtok.yaml").read_text())
+    common = {
+        "teacher_top_k": K, "max_steps": 3, "per_device_train_batch_size": 4, "max_train_samples": 12,
+        "eval_dataset": None, "eval_fraction": 0, "logging_steps": 1, "save_steps": 100,
+    }  # fmt: skip
+    runs = {
+        "alpha0": {"teacher_server": served.url, "alpha": 0.0},
+        "zero": {"teacher_model_name_or_path": None, "teachers": [served.url, str(TINY / "teacher")],
+                 "teacher_weights": [0.0, 1.0]},
+    }  # fmt: skip
+    asked = {}
+    for name, keys in runs.items():
+        before = len(served.prompts)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({**base, **common, **keys, "output_dir": str(tmp_path / name)}))
+        train.run(str(path))
+        asked[name] = len(served.prompts) - before
+    assert asked["zero"] == asked["alpha0"]  # the checks' prompts only
+    served_line, model_line = json.loads((tmp_path / "zero" / "cost_report.json").read_text())["teachers"]
+    assert served_line["flops"] == 0 and served_line["positions"] == 0
+    assert model_line["flops"] > 0
