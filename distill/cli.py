@@ -32,9 +32,15 @@ def end_process_group() -> None:
     its work is saved ("terminate called without an active exception", pytorch#190489), and NCCL warns
     that the group was never destroyed."""
     dist = sys.modules.get("torch.distributed")  # a job that never imported it made no group
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.barrier()  # no process tears the group down under another's last collective
-        dist.destroy_process_group()
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    # No process tears the group down under another's last collective. On NCCL, on this process's own
+    # GPU, as accelerate's wait_for_everyone does: unnamed, torch guesses it from the rank.
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[sys.modules["torch"].cuda.current_device()])
+    else:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def _no_extra(rest):
