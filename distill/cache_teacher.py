@@ -89,7 +89,7 @@ def teacher_targets(
             rows, weight = _final_hidden(teacher, inputs)[target], output_weight(teacher)[:vocab]
             logits = (rows[i : i + chunk] @ weight.T for i in range(0, len(rows), chunk))
             # The output layer runs on target rows only: its FLOPs are per row, not per batch shape.
-            with measure("teacher", {}, "output layer", units=len(rows)):
+            with measure("teacher", {}, "output layer", units=len(rows), attention=False):
                 parts = [teacher_topk(x, k, temperature) for x in logits]
         else:
             full = teacher(**inputs).logits[target][:, :vocab]

@@ -211,7 +211,7 @@ class CostCallback(TrainerCallback, ExportableState):
         if rows == 0:  # nothing runs; and a first count over 0 rows would price every later row at 0
             yield
             return
-        with self.meter.measure(role, {}, "output rows", *key, units=rows):
+        with self.meter.measure(role, {}, "output rows", *key, units=rows, attention=False):
             yield
 
     def teacher_server_used(self, url: str, role: str = "teacher") -> None:
@@ -283,7 +283,7 @@ class CostCallback(TrainerCallback, ExportableState):
         (hidden sizes, vocabulary) and scaled, not measured again for every count of targets. The
         teacher's output matmul runs inside the student's step; ``teacher_flops_per_row`` of it
         are the teacher's."""
-        with self.meter.measure("student", {}, "output layers", *key, units=rows):
+        with self.meter.measure("student", {}, "output layers", *key, units=rows, attention=False):
             yield
         if teacher_flops_per_row:
             self.meter.move(teacher_flops_per_row * rows, "student", role)

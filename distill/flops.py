@@ -140,11 +140,13 @@ class FlopMeter:
         self.flops[dst] = self.flops.get(dst, 0) + flops
 
     @contextmanager
-    def measure(self, role: str, inputs: Mapping, *extra, units: int = 1):
+    def measure(self, role: str, inputs: Mapping, *extra, units: int = 1, attention: bool = True):
         """Count the block as ``role``'s. ``extra``: whatever else its FLOPs depend on besides the
         shapes of ``inputs``. ``units``: the block's work is ``units`` times a per-unit cost that
         depends only on the key (e.g. rows of the output layer); counted once, then scaled. Tokens
-        and examples are those of ``inputs["input_ids"]``, if it is there."""
+        and examples are those of ``inputs["input_ids"]``, if it is there. ``attention``: whether the
+        block runs attention, so that a first count without any is warned of (an output layer alone
+        has none)."""
         key = (role, shape_key(inputs), *extra)
         ids = inputs.get("input_ids")
         tokens, examples = (ids.numel(), ids.shape[0]) if isinstance(ids, torch.Tensor) else (0, 0)
@@ -175,7 +177,7 @@ class FlopMeter:
         flops = spent - frame[1] - recomputed
         if known is None:
             self._known[key] = (flops / units, recomputed / units) if units else (0.0, 0.0)
-            if opened:
+            if opened and attention:
                 self._check_attention(role, counter)
         self._add(role, flops, recomputed, tokens, examples)
 

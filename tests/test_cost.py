@@ -1,6 +1,7 @@
 """Cost units, the `distill cost` plan, and the training callback (distill.cost)."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, default_data_collator
 
 from distill import cli
 from distill.config import DistillConfig
-from distill.cost import PFLOPS_DAY, find_peak, pflops_days
+from distill.cost import PFLOPS_DAY, CostCallback, find_peak, pflops_days
 from distill.flops import FlopMeter, ModelSize, model_size
 from distill.planner import plan, training_flops
 from distill.trainer import DistillTrainer
@@ -331,3 +332,17 @@ def test_a_teacher_reading_more_tokens_per_token_is_planned_on_them():
         ["cost", "--student", "135M", "--teacher", "7B", "--tokens", "1B", "--teacher_tokens_per_token", "0"]
     )
     assert printed == 2
+
+
+def test_output_layers_counted_on_their_own_are_not_taken_for_a_model_without_attention():
+    """An output layer alone (a cross-tokenizer teacher's rows, the chunked loss's heads) has no attention to
+    miss: counted first and outermost, it warns of nothing, and it is billed per row."""
+    head, rows = torch.nn.Linear(8, 32, bias=False), torch.randn(5, 8)
+    cost = CostCallback()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with cost.teacher_rows(len(rows), (8, 32)):
+            head(rows)
+        with cost.output_layers(len(rows), (8, 32)):
+            head(rows)
+    assert cost.meter.flops["teacher"] == cost.meter.flops["student"] == 2 * 5 * 8 * 32
