@@ -47,7 +47,7 @@ from distill.recipe import load_recipe, parse
 from distill.teacher import CachedTeacher, ModelTeacher, ServedTeacher
 from distill.teacher_cache import MANIFEST, TargetsCollator, TeacherCache, run_identity
 from distill.teacher_server import ServedTargetsCollator, TeacherServer, check_run, served_tokenizer
-from distill.trainer import DistillTrainer
+from distill.trainer import DistillTrainer, reads_targets
 
 ARGUMENTS = TRAIN_ARGUMENTS
 
@@ -360,7 +360,7 @@ def teacher_source(config, model_args, tokenizer, student, *, model_path, cache,
         # Asked for one batch ahead, except where they would go unread: on-policy batches are replaced
         # after collation (their targets are asked for when they exist), and alpha 0 or weight 0 reads
         # none in training.
-        if config.lmbda == 0 and config.alpha > 0 and weight > 0:
+        if config.lmbda == 0 and reads_targets(config, weight):
             collator = ServedTargetsCollator(collator, server)
         return ServedTeacher(server, size, *mapped), collator
     if cache is not None:

@@ -102,6 +102,12 @@ def student_folder(model) -> str:
     return getattr(base.config, "_name_or_path", "") or ""
 
 
+def reads_targets(args, weight: float) -> bool:
+    """Whether training reads the targets of a teacher of ``weight``: not at weight 0 (evaluation still
+    does, for its agreement and KL), nor at alpha 0 without a hidden-state term."""
+    return weight > 0 and (args.alpha > 0 or args.hidden_loss_weight > 0)
+
+
 class DistillTrainer(MeteredTrainer):
     # compute_loss divides by the step's token count (num_items_in_batch) itself, so the Trainer must
     # not divide by the accumulation steps again.
@@ -385,7 +391,7 @@ class DistillTrainer(MeteredTrainer):
             parts = []
             cost = None if evaluating else self.cost
             for i, (weight, source) in enumerate(zip(self._weights, self.teachers)):
-                if not evaluating and not self.trains_on(source):
+                if not evaluating and not reads_targets(self.args, weight):
                     continue  # weight 0: a term of the loss times 0, not worth its forward
                 view = own_keys(inputs, i if self._several else None)
                 try:
@@ -402,10 +408,8 @@ class DistillTrainer(MeteredTrainer):
         return out, kds, outputs, agreement, student, parts, hidden
 
     def trains_on(self, source) -> bool:
-        """Whether training reads ``source``'s targets: not for a teacher of weight 0 (evaluation still
-        does, for its agreement and KL), nor for any at alpha 0 without a hidden-state term."""
-        weight = self._weights[self.teachers.index(source)]
-        return weight > 0 and (self.args.alpha > 0 or self.args.hidden_loss_weight > 0)
+        """Whether training reads ``source``'s targets (`reads_targets`)."""
+        return reads_targets(self.args, self._weights[self.teachers.index(source)])
 
     def _mixed_loss(self, student: tuple, parts: list, labels, kw: dict, bill: bool, tag: str = ""):
         """(the loss against every teacher, weighted: sum_i w_i (alpha KD_i + (1 - alpha) CE), which with
