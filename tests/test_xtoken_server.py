@@ -253,25 +253,31 @@ def test_a_served_teacher_folder_without_tokenizer_files_must_serve_the_students
     assert not [path for path, _ in stand_in.calls if path == "/v1/completions"]
 
 
-def test_a_served_teacher_among_several_at_weight_one_trains_as_it_does_alone(tmp_path, served):
-    """`teachers: [URL, a model]` with weights (1, 0): the losses of the served teacher alone, and its
-    bill line is the one-teacher run's server bill (computed FLOPs of the positions it scored)."""
+def short_xtok_run(tmp_path, name: str, **keys) -> None:
+    """`distill train` on recipes/tiny_cpu_xtok.yaml for 3 steps of 4 rows, no held-out data, with ``keys``
+    changed; its files in ``tmp_path / name``."""
     import yaml
 
-    base = yaml.safe_load((ROOT / "recipes" / "tiny_cpu_xtok.yaml").read_text())
-    common = {
+    recipe = yaml.safe_load((ROOT / "recipes" / "tiny_cpu_xtok.yaml").read_text())
+    recipe |= {
         "teacher_top_k": K, "max_steps": 3, "per_device_train_batch_size": 4, "max_train_samples": 12,
         "eval_dataset": None, "eval_fraction": 0, "logging_steps": 1, "save_steps": 100,
     }  # fmt: skip
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**recipe, **keys, "output_dir": str(tmp_path / name)}))
+    train.run(str(path))
+
+
+def test_a_served_teacher_among_several_at_weight_one_trains_as_it_does_alone(tmp_path, served):
+    """`teachers: [URL, a model]` with weights (1, 0): the losses of the served teacher alone, and its
+    bill line is the one-teacher run's server bill (computed FLOPs of the positions it scored)."""
     runs = {
         "one": {"teacher_server": served.url},
         "two": {"teacher_model_name_or_path": None, "teachers": [served.url, str(TINY / "teacher")],
                 "teacher_weights": [1.0, 0.0]},
     }  # fmt: skip
     for name, keys in runs.items():
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump({**base, **common, **keys, "output_dir": str(tmp_path / name)}))
-        train.run(str(path))
+        short_xtok_run(tmp_path, name, **keys)
     history = {n: json.loads((tmp_path / n / "trainer_state.json").read_text())["log_history"] for n in runs}
     assert [h.get("loss") for h in history["two"]] == [h.get("loss") for h in history["one"]]
     one, two = (json.loads((tmp_path / n / "cost_report.json").read_text()) for n in runs)
@@ -326,13 +332,6 @@ def test_a_served_teacher_of_weight_zero_is_asked_nothing_in_training(tmp_path, 
     """`teachers: [URL, a model]` with weights (0, 1): training never reads the served teacher's targets, so
     it asks the server for none (not even one batch ahead) and its bill line is empty, as a served
     teacher's at alpha 0; the server still answers the checks before training."""
-    import yaml
-
-    base = yaml.safe_load((ROOT / "recipes" / "tiny_cpu_xtok.yaml").read_text())
-    common = {
-        "teacher_top_k": K, "max_steps": 3, "per_device_train_batch_size": 4, "max_train_samples": 12,
-        "eval_dataset": None, "eval_fraction": 0, "logging_steps": 1, "save_steps": 100,
-    }  # fmt: skip
     runs = {
         "alpha0": {"teacher_server": served.url, "alpha": 0.0},
         "zero": {"teacher_model_name_or_path": None, "teachers": [served.url, str(TINY / "teacher")],
@@ -341,9 +340,7 @@ def test_a_served_teacher_of_weight_zero_is_asked_nothing_in_training(tmp_path, 
     asked = {}
     for name, keys in runs.items():
         before = len(served.prompts)
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump({**base, **common, **keys, "output_dir": str(tmp_path / name)}))
-        train.run(str(path))
+        short_xtok_run(tmp_path, name, **keys)
         asked[name] = len(served.prompts) - before
     assert asked["zero"] == asked["alpha0"]  # the checks' prompts only
     served_line, model_line = json.loads((tmp_path / "zero" / "cost_report.json").read_text())["teachers"]
